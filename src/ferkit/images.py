@@ -1,0 +1,157 @@
+"""Reading images safely: any format Pillow reads, any mode, EXIF-rotated, with a pixel limit."""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from ferkit.errors import ImageError
+
+#: Images above this many pixels are refused before decoding (a 30000×30000 JPEG would need 2.7 GB as RGB).
+MAX_PIXELS = int(os.environ.get("FERKIT_MAX_PIXELS", str(64_000_000)))
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm"})
+
+ImageInput = Union[str, os.PathLike, bytes, bytearray, np.ndarray, Image.Image]
+
+
+def is_image_path(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def _open(source: str | os.PathLike | bytes | bytearray, name: str, max_pixels: int) -> Image.Image:
+    if isinstance(source, (bytes, bytearray)):
+        if len(source) == 0:
+            raise ImageError(f"{name}: empty data (0 bytes)")
+        fp: object = io.BytesIO(source)
+    else:
+        p = Path(source)
+        if not p.exists():
+            raise ImageError(f"{name}: no such file")
+        if p.is_dir():
+            raise ImageError(f"{name}: is a folder, not an image")
+        if p.stat().st_size == 0:
+            raise ImageError(f"{name}: empty file (0 bytes)")
+        fp = p
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(fp)  # type: ignore[arg-type]
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"{name}: image too large (over {max_pixels:,} pixels)") from None
+    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError … on bad data
+        raise ImageError(f"{name}: cannot identify image file ({type(e).__name__})") from None
+    w, h = im.size
+    if w * h > max_pixels:
+        raise ImageError(f"{name}: image too large ({w}×{h} = {w * h:,} pixels; the limit is {max_pixels:,})")
+    try:
+        im.load()
+    except Exception as e:
+        raise ImageError(f"{name}: corrupt or truncated image ({e})") from None
+    return im
+
+
+def to_rgb_or_gray(im: Image.Image, name: str = "image") -> Image.Image:
+    """Normalise mode: EXIF rotation applied, alpha composited on white, 16-bit/CMYK/palette converted."""
+    try:
+        im = ImageOps.exif_transpose(im)
+    except Exception:  # broken EXIF must not make a readable image unusable
+        pass
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(bg, im).convert("RGB")
+    elif im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(im, dtype=np.float64)
+        hi = a.max() if a.size else 1.0
+        im = Image.fromarray((a * (255.0 / max(hi, 1.0))).clip(0, 255).astype(np.uint8), "L")
+    elif im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        lo, hi = (a.min(), a.max()) if a.size else (0.0, 1.0)
+        im = Image.fromarray(((a - lo) / max(hi - lo, 1e-9) * 255).astype(np.uint8), "L")
+    elif im.mode == "1":
+        im = im.convert("L")
+    elif im.mode not in ("L", "RGB"):
+        im = im.convert("RGB")
+    return im
+
+
+def load_image(source: ImageInput, *, name: str | None = None, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Load any supported input as a uint8 array: H×W (grayscale) or H×W×3 (RGB).
+
+    Args:
+        source: a path, encoded bytes, a PIL image or a numpy array (H×W, H×W×1, H×W×3 RGB or H×W×4 RGBA).
+        name: how to call the input in error messages (defaults to the path).
+        max_pixels: refuse larger images before decoding them.
+
+    Raises:
+        ImageError: one line naming the input and what is wrong with it.
+    """
+    if isinstance(source, np.ndarray):
+        return _from_array(source, name or "array")
+    if isinstance(source, Image.Image):
+        label = name or "PIL image"
+        if source.size[0] * source.size[1] > max_pixels:
+            raise ImageError(f"{label}: image too large ({source.size[0]}×{source.size[1]})")
+        return np.asarray(to_rgb_or_gray(source, label))
+    if isinstance(source, (bytes, bytearray)):
+        label = name or "uploaded bytes"
+    elif isinstance(source, (str, os.PathLike)):
+        label = name or str(source)
+    else:
+        raise ImageError(f"{name or type(source).__name__}: unsupported input type {type(source).__name__}")
+    im = _open(source, label, max_pixels)
+    if getattr(im, "n_frames", 1) > 1:
+        im.seek(0)
+    try:
+        arr = np.asarray(to_rgb_or_gray(im, label))
+    except Exception as e:
+        raise ImageError(f"{label}: cannot decode image ({e})") from None
+    if arr.ndim < 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ImageError(f"{label}: image has no pixels")
+    return np.ascontiguousarray(arr)
+
+
+def _from_array(a: np.ndarray, name: str) -> np.ndarray:
+    if a.size == 0:
+        raise ImageError(f"{name}: empty array")
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if a.ndim == 3 and a.shape[2] == 4:
+        rgb = a[:, :, :3].astype(np.float32)
+        alpha = a[:, :, 3:4].astype(np.float32) / (255.0 if a.dtype == np.uint8 else max(float(a.max()), 1.0))
+        a = rgb * alpha + 255.0 * (1 - alpha)
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 3)):
+        raise ImageError(f"{name}: expected an H×W or H×W×3 array, got shape {tuple(a.shape)}")
+    if a.dtype != np.uint8:
+        af = a.astype(np.float32)
+        if af.max() <= 1.0 and af.min() >= 0.0 and a.dtype.kind == "f":
+            af = af * 255.0
+        a = af.clip(0, 255).astype(np.uint8)
+    return np.ascontiguousarray(a)
+
+
+def to_gray(a: np.ndarray) -> np.ndarray:
+    """RGB → luminance (ITU-R 601, as Pillow's ``convert('L')``); grayscale passes through."""
+    if a.ndim == 2:
+        return a
+    g = a[..., 0] * 0.299 + a[..., 1] * 0.587 + a[..., 2] * 0.114
+    return np.round(g).astype(np.uint8)
+
+
+def resize_face(a: np.ndarray, size: int, *, gray: bool = True) -> np.ndarray:
+    """Resize a face crop to size×size (area interpolation when shrinking, as the datasets were made)."""
+    import cv2
+
+    if gray:
+        a = to_gray(a)
+    h, w = a.shape[:2]
+    if (h, w) == (size, size):
+        return a
+    interp = cv2.INTER_AREA if h > size or w > size else cv2.INTER_LINEAR
+    return cv2.resize(a, (size, size), interpolation=interp)

@@ -1,0 +1,135 @@
+"""The ferkit model file: safetensors weights with the model's metadata as JSON in the same file; no pickle."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ferkit.errors import ModelFileError
+
+FORMAT = "ferkit-model/1"
+META_KEY = "ferkit"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """Everything needed to use a trained model, stored with its weights."""
+
+    arch: str
+    classes: tuple[str, ...]
+    input_size: int = 48
+    in_chans: int = 1
+    mean: float = 0.5
+    std: float = 0.25
+    name: str = ""
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    format: str = FORMAT
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelMeta:
+        known = {f for f in cls.__dataclass_fields__}
+        kw = {k: v for k, v in d.items() if k in known}
+        kw["classes"] = tuple(kw.get("classes", ()))
+        return cls(**kw)
+
+
+def save_model(path: str | os.PathLike, net: nn.Module, meta: ModelMeta, *, json_sidecar: bool = True) -> Path:
+    """Write ``net``'s weights and ``meta`` as one safetensors file (atomically); optionally a readable .json beside."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
+             for k, v in net.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={META_KEY: meta.to_json(), "format": FORMAT})
+    os.replace(tmp, path)
+    if json_sidecar:
+        path.with_suffix(".json").write_text(json.dumps(json.loads(meta.to_json()), indent=2) + "\n")
+    return path
+
+
+def bundled_models() -> dict[str, Path]:
+    """The models shipped inside the package: name → file."""
+    return {p.stem: p for p in sorted(WEIGHTS_DIR.glob("*.safetensors"))}
+
+
+def resolve_model_path(spec: str | os.PathLike) -> Path:
+    """A bundled model's name, a run directory or a model file → the model file's path.
+
+    Raises:
+        ModelFileError: nothing usable at ``spec``.
+    """
+    s = str(spec)
+    bundled = bundled_models()
+    if s in bundled:
+        return bundled[s]
+    p = Path(s)
+    if p.is_dir():
+        for cand in ("model.safetensors", "model.onnx"):
+            if (p / cand).exists():
+                return p / cand
+        raise ModelFileError(f"{s}: folder holds no model.safetensors (is it a ferkit run directory?)")
+    if p.exists():
+        return p
+    names = ", ".join(bundled) or "none"
+    raise ModelFileError(f"{s}: no such model file, run directory or bundled model (bundled: {names})")
+
+
+def read_meta(path: str | os.PathLike) -> ModelMeta:
+    """Read only the metadata of a model file."""
+    from safetensors import safe_open
+
+    p = resolve_model_path(path)
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            md = f.metadata() or {}
+    except Exception:
+        raise ModelFileError(f"{path}: not a ferkit model file (cannot read it as safetensors)") from None
+    if META_KEY not in md:
+        raise ModelFileError(f"{path}: safetensors file without ferkit metadata (not a ferkit model file)")
+    try:
+        return ModelMeta.from_dict(json.loads(md[META_KEY]))
+    except (ValueError, TypeError) as e:
+        raise ModelFileError(f"{path}: damaged ferkit metadata ({e})") from None
+
+
+def load_model(path_or_name: str | os.PathLike, *, device: str = "cpu") -> tuple[nn.Module, ModelMeta]:
+    """Load a ferkit model file (or bundled model, or run directory) without unpickling anything.
+
+    Returns:
+        (network in eval mode, its metadata)
+
+    Raises:
+        ModelFileError: the path is missing, not a ferkit model, or its weights do not fit its architecture.
+    """
+    from safetensors.torch import load_file
+
+    from ferkit.models import create_model
+
+    p = resolve_model_path(path_or_name)
+    if p.suffix.lower() == ".onnx":
+        raise ModelFileError(f"{path_or_name}: an ONNX file; load it with Recognizer(model=...) or backend='onnx'")
+    meta = read_meta(p)
+    try:
+        net = create_model(meta.arch, num_classes=len(meta.classes), in_chans=meta.in_chans)
+    except (ValueError, ImportError) as e:
+        raise ModelFileError(f"{path_or_name}: cannot build architecture '{meta.arch}': {e}") from None
+    state = load_file(str(p), device=device)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise ModelFileError(f"{path_or_name}: weights do not match architecture '{meta.arch}' ({first})") from None
+    return net.to(device).eval(), meta

@@ -1,0 +1,111 @@
+"""Name → constructor registry for ferkit's networks, with timm backbones reachable as ``timm/<name>``."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+TIMM_PREFIX = "timm/"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the registry knows of a built-in network."""
+
+    name: str
+    fn: Callable[..., nn.Module]
+    default_input_size: int
+    description: str
+
+
+_REGISTRY: dict[str, ModelInfo] = {}
+
+
+def register_model(name: str, *, input_size: int = 48, description: str = "") -> Callable:
+    """Decorator that registers a constructor ``fn(num_classes, in_chans) -> nn.Module`` under ``name``."""
+
+    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"model name '{name}' is already registered")
+        _REGISTRY[name] = ModelInfo(name, fn, input_size, description or (fn.__doc__ or "").strip().split("\n")[0])
+        return fn
+
+    return wrap
+
+
+def _ensure_builtins() -> None:
+    from ferkit.models import cnn  # noqa: F401  (registers on import)
+
+
+def list_models() -> list[str]:
+    """Names of the built-in networks (timm backbones are reachable as ``timm/<name>`` on top of these)."""
+    _ensure_builtins()
+    return sorted(_REGISTRY)
+
+
+def get_model_info(name: str) -> ModelInfo:
+    """Return the registry entry for ``name``.
+
+    Raises:
+        ValueError: unknown name, listing the valid names and the closest match.
+    """
+    _ensure_builtins()
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise ValueError(
+        f"unknown model '{name}' (built-in: {', '.join(sorted(_REGISTRY))}; or timm/<name> with timm installed){hint}"
+    )
+
+
+def create_model(name: str, *, num_classes: int, in_chans: int = 1, pretrained: bool = False) -> nn.Module:
+    """Build a network by name.
+
+    Args:
+        name: a built-in name from :func:`list_models` or ``timm/<timm model name>``.
+        num_classes: number of output logits.
+        in_chans: 1 for grayscale input, 3 for RGB.
+        pretrained: load ImageNet weights (timm backbones only; needs network access the first time).
+    """
+    if name.startswith(TIMM_PREFIX):
+        return _create_timm(name[len(TIMM_PREFIX) :], num_classes=num_classes, in_chans=in_chans, pretrained=pretrained)
+    info = get_model_info(name)
+    if pretrained:
+        raise ValueError(f"model '{name}' has no pretrained weights; --pretrained is for timm/<name> backbones")
+    return info.fn(num_classes=num_classes, in_chans=in_chans)
+
+
+class PretrainedUnavailableError(RuntimeError):
+    """ImageNet weights could not be fetched (typically: no network)."""
+
+
+def _create_timm(name: str, *, num_classes: int, in_chans: int, pretrained: bool) -> nn.Module:
+    try:
+        import timm
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("timm backbones need timm: pip install 'ferkit[train]' (or pip install timm)") from e
+    if name not in timm.list_models() and name not in timm.list_pretrained():
+        close = difflib.get_close_matches(name, timm.list_models(), n=1)
+        hint = f"; did you mean 'timm/{close[0]}'?" if close else ""
+        raise ValueError(f"unknown timm model '{name}'{hint}")
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+    import os
+    import socket
+
+    # Fail fast instead of hanging on a closed network: the hub download would otherwise retry for minutes.
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(float(os.environ.get("FERKIT_DOWNLOAD_TIMEOUT", "10")))
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=num_classes, in_chans=in_chans)
+    except Exception as e:  # network errors come in many types (requests, urllib, huggingface_hub)
+        raise PretrainedUnavailableError(
+            f"could not download ImageNet weights for timm/{name} ({type(e).__name__}): you seem to be offline; "
+            "train without --pretrained, or run once online so timm caches the weights"
+        ) from e
+    finally:
+        socket.setdefaulttimeout(old)

@@ -1,0 +1,1 @@
+"""Training: a short visible loop on Lightning Fabric (loop.py) and knowledge distillation (distill.py)."""

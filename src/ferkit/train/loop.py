@@ -1,0 +1,303 @@
+"""The training loop: ``train_one_epoch``, ``evaluate`` and ``fit(cfg)``. Lightning Fabric does the plumbing
+(device placement, bf16 autocast, DDP across GPUs and machines, rank-zero I/O, checkpoint save/load)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ferkit.classes import parse_classes
+from ferkit.config import TrainConfig
+from ferkit.data import find_dataset, load_split
+from ferkit.data.augment import BatchAugment
+from ferkit.errors import ConfigError
+from ferkit.evaluate import evaluate_probs, plot_curves, predict_probs, write_report
+from ferkit.modelfile import ModelMeta, save_model
+from ferkit.models import create_model
+
+log = logging.getLogger(__name__)
+MEAN, STD = 0.5, 0.25
+
+
+def make_fabric(cfg: TrainConfig):  # noqa: ANN201 - lightning is imported lazily
+    from lightning.fabric import Fabric
+
+    accel = cfg.device
+    if accel == "auto":
+        accel = "cuda" if torch.cuda.is_available() else "cpu"
+    if accel == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available (use --device cpu)")
+    accel = "gpu" if accel == "cuda" else accel
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16-mixed" if accel == "gpu" else "32-true"
+    elif precision == "bf16":
+        precision = "bf16-mixed"
+    else:
+        precision = "32-true" if precision == "32" else "16-mixed"
+    multi = cfg.devices > 1 or cfg.num_nodes > 1
+    return Fabric(accelerator=accel, devices=cfg.devices, num_nodes=cfg.num_nodes, precision=precision,
+                  strategy="ddp" if multi else "auto")
+
+
+def shard(n: int, epoch: int, seed: int, rank: int, world: int) -> torch.Tensor:
+    """This rank's share of the epoch's permutation; every rank draws the same permutation, equal-sized shards."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    per = n // world
+    return perm[rank * per:(rank + 1) * per]
+
+
+def train_one_epoch(fabric, model: nn.Module, opt, sched, images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig,
+                    epoch: int, augment: BatchAugment, loss_fn: nn.Module, teachers=None, step0: int = 0) -> dict:
+    """One pass over this rank's shard of the training set. Returns mean loss and accuracy (this rank)."""
+    model.train()
+    idx = shard(len(labels), epoch, cfg.seed, fabric.global_rank, fabric.world_size)
+    g = torch.Generator(device=images.device).manual_seed(cfg.seed * 7919 + epoch * 31 + fabric.global_rank)
+    nb = max(1, len(idx) // cfg.batch_size)
+    tot_loss = tot_ok = seen = 0
+    bar = None
+    if fabric.is_global_zero and os.environ.get("FERKIT_PROGRESS", "1") != "0":
+        from tqdm import tqdm
+
+        bar = tqdm(total=nb, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
+    for b in range(nb):
+        if cfg.max_steps and step0 + b >= cfg.max_steps:
+            break
+        j = idx[b * cfg.batch_size:(b + 1) * cfg.batch_size].to(images.device)
+        x01 = augment.unit(images[j], generator=g)
+        x = (x01 - augment.mean) / augment.std
+        y = labels[j]
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = model(x)
+        loss = loss_fn(out.float(), y)
+        if teachers is not None:
+            from ferkit.train.distill import distill_loss
+
+            loss = distill_loss(out, teachers.logits(x01, cfg.distill_temp), loss, alpha=cfg.distill_alpha,
+                                temperature=cfg.distill_temp)
+        opt.zero_grad(set_to_none=True)
+        fabric.backward(loss)
+        opt.step()
+        if sched is not None and cfg.schedule in ("onecycle", "cosine"):
+            sched.step()
+        with torch.no_grad():
+            tot_loss += loss.item() * len(y)
+            tot_ok += (out.argmax(1) == y).sum().item()
+            seen += len(y)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{tot_loss / seen:.3f}", acc=f"{tot_ok / seen:.3f}")
+    if bar is not None:
+        bar.close()
+    return {"train_loss": tot_loss / max(seen, 1), "train_acc": tot_ok / max(seen, 1), "steps": b + 1 if nb else 0}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, size: int, tta: str = "none",
+             batch_size: int = 512) -> dict:
+    """Loss and accuracy on a held-out split (run on every rank, same data, so all ranks agree)."""
+    model.eval()
+    probs = predict_probs(model, images, size=size, mean=MEAN, std=STD, tta=tta, batch_size=batch_size,
+                          device=images.device)
+    y = labels.cpu()
+    loss = F.nll_loss(torch.log(probs + 1e-8), y).item()
+    acc = (probs.argmax(1) == y).float().mean().item()
+    return {"val_loss": loss, "val_acc": acc, "probs": probs}
+
+
+def _save_ckpt(fabric, path: Path, state: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fabric.save(tmp, state)
+    if fabric.is_global_zero:
+        os.replace(tmp, path)  # atomic: a kill mid-write never leaves a damaged last.ckpt
+    fabric.barrier()
+
+
+def fit(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
+    """Train a model as ``cfg`` says; writes the run directory and returns the final metrics."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    fabric = make_fabric(cfg)
+    fabric.launch()
+    fabric.seed_everything(cfg.seed, verbose=False)
+    out = Path(cfg.out)
+    classes = parse_classes(cfg.classes)
+    t_start = time.perf_counter()
+
+    ds = find_dataset(cfg.data, classes)
+    tr_src = ds.splits.get("train") or ds.splits.get("single")
+    if tr_src is None:
+        raise ConfigError(f"{cfg.data}: no train/ split to train on (found: {', '.join(ds.splits)})")
+    train = load_split(tr_src, cfg.input_size, strict=cfg.strict)
+    val_name = cfg.val_split if cfg.val_split in ds.splits else None
+    if val_name:
+        val = load_split(ds.splits[val_name], cfg.input_size, strict=cfg.strict)
+        tr_x, tr_y, va_x, va_y = train.images, train.labels, val.images, val.labels
+        skipped = train.skipped + val.skipped
+    else:  # no validation split: hold out a deterministic 10% of train
+        rng = np.random.default_rng(cfg.seed)
+        perm = rng.permutation(len(train))
+        k = max(1, len(perm) // 10)
+        va_i, tr_i = np.sort(perm[:k]), np.sort(perm[k:])
+        tr_x, tr_y, va_x, va_y = train.images[tr_i], train.labels[tr_i], train.images[va_i], train.labels[va_i]
+        skipped = train.skipped
+        val_name = "train[10% held out]"
+    t_data = time.perf_counter() - t_start
+    if fabric.is_global_zero:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_yaml(out / "config.yaml", cfg.to_dict())
+        fabric.print(f"data: {len(tr_y)} train / {len(va_y)} {val_name} images, classes {', '.join(classes)}"
+                     f" ({'cached' if train.from_cache else 'decoded'} in {t_data:.1f}s)")
+        if skipped:
+            fabric.print(f"skipped {len(skipped)} unreadable image(s); listed in {out / 'skipped.txt'}")
+            (out / "skipped.txt").write_text("\n".join(skipped) + "\n")
+
+    dev = fabric.device
+    images = torch.from_numpy(np.ascontiguousarray(tr_x)).to(dev)
+    labels = torch.from_numpy(np.asarray(tr_y)).to(dev)
+    val_images = torch.from_numpy(np.ascontiguousarray(va_x)).to(dev)
+    val_labels = torch.from_numpy(np.asarray(va_y)).to(dev)
+
+    model = create_model(cfg.model, num_classes=len(classes), in_chans=1, pretrained=cfg.pretrained)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    params = [{"params": [p for n, p in model.named_parameters() if p.ndim > 1], "weight_decay": cfg.weight_decay},
+              {"params": [p for n, p in model.named_parameters() if p.ndim <= 1], "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    elif cfg.optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=cfg.lr)
+    else:
+        opt = torch.optim.AdamW(params, lr=cfg.lr)
+    model, opt = fabric.setup(model, opt)
+    steps_per_epoch = max(1, (len(tr_y) // fabric.world_size) // cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    if cfg.schedule == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=cfg.warmup_pct,
+                                                    div_factor=25, final_div_factor=1e3)
+    elif cfg.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    elif cfg.schedule == "plateau":
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", patience=cfg.plateau_patience,
+                                                           factor=cfg.plateau_factor)
+    else:
+        sched = None
+    weight = None
+    if cfg.class_weighting:
+        counts = torch.bincount(labels, minlength=len(classes)).float().clamp(min=1)
+        weight = (counts.sum() / (len(classes) * counts)).to(dev)
+    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+    teachers = None
+    if cfg.teacher:
+        from ferkit.train.distill import Teachers
+
+        teachers = Teachers(cfg.teacher, classes, device=dev)
+    augment = BatchAugment(cfg, MEAN, STD)
+
+    start_epoch, best_acc, history, step, stale = 0, -1.0, [], 0, 0
+    ckpt_path = out / "last.ckpt"
+    best_path = out / "best.ckpt"
+    if resume:
+        if not ckpt_path.exists():
+            raise ConfigError(f"{ckpt_path}: nothing to resume (no last.ckpt in the run directory)")
+        state = {"model": model, "optimizer": opt, "scheduler": sched}
+        extra = fabric.load(ckpt_path, state)
+        start_epoch, best_acc, history, step = extra["epoch"] + 1, extra["best_acc"], extra["history"], extra["step"]
+        stale = extra.get("stale", 0)
+        fabric.print(f"resuming {out} from epoch {start_epoch + 1}/{cfg.epochs} (best so far {best_acc * 100:.2f}%)")
+
+    t_train = time.perf_counter()
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        tr = train_one_epoch(fabric, model, opt, sched, images, labels, cfg, epoch, augment, loss_fn, teachers, step)
+        step += tr.pop("steps")
+        ev = evaluate(model, val_images, val_labels, cfg.input_size)
+        ev.pop("probs")
+        if cfg.schedule == "plateau":
+            sched.step(ev["val_acc"])
+        row = {"epoch": epoch + 1, **tr, **ev, "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+        history.append(row)
+        improved = ev["val_acc"] > best_acc
+        if improved:
+            best_acc, stale = ev["val_acc"], 0
+            if fabric.is_global_zero:
+                _save_weights(model, best_path)
+        else:
+            stale += 1
+        fabric.print(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {tr['train_loss']:.4f}  acc {tr['train_acc'] * 100:5.2f}%"
+                     f"  val_loss {ev['val_loss']:.4f}  val_acc {ev['val_acc'] * 100:5.2f}%{' *' if improved else ''}"
+                     f"  {row['seconds']:.1f}s")
+        _save_ckpt(fabric, ckpt_path, {"model": model, "optimizer": opt, "scheduler": sched, "epoch": epoch,
+                                       "best_acc": best_acc, "history": history, "step": step, "stale": stale,
+                                       "config": cfg.to_dict()})
+        if fabric.is_global_zero:
+            (out / "metrics.json").write_text(json.dumps({"history": history, "status": "running"}, indent=2) + "\n")
+        if (cfg.early_stop and stale >= cfg.early_stop) or (cfg.max_steps and step >= cfg.max_steps):
+            fabric.print("stopping early: " + ("max_steps reached" if cfg.max_steps and step >= cfg.max_steps
+                                               else f"no improvement for {stale} epochs"))
+            break
+    train_seconds = time.perf_counter() - t_train
+
+    # Final evaluation of the best epoch's weights, with the recipe's test-time augmentation.
+    raw = fabric.to_device(_unwrap(model))
+    if best_path.exists():
+        from safetensors.torch import load_file
+
+        raw.load_state_dict(load_file(str(best_path)))
+    plain = evaluate_probs(evaluate(raw, val_images, val_labels, cfg.input_size)["probs"], va_y, classes)
+    final = evaluate_probs(evaluate(raw, val_images, val_labels, cfg.input_size, tta=cfg.tta)["probs"], va_y, classes)
+    result = {"final": final, "plain_accuracy": plain["accuracy"], "tta": cfg.tta, "val_split": val_name,
+              "best_epoch": int(max(history, key=lambda h: h["val_acc"])["epoch"]) if history else 0,
+              "history": history, "train_seconds": train_seconds, "data_seconds": t_data,
+              "total_seconds": time.perf_counter() - t_start, "skipped": len(skipped), "status": "done",
+              "images_per_second": sum(len(tr_y) for _ in history[start_epoch:]) / max(train_seconds, 1e-9)}
+    if fabric.is_global_zero:
+        meta = ModelMeta(arch=cfg.model, classes=tuple(classes), input_size=cfg.input_size, in_chans=1, mean=MEAN,
+                         std=STD, name=out.name, training={
+                             "recipe": cfg.recipe, "data": str(cfg.data), "epochs": len(history),
+                             "best_epoch": result["best_epoch"], "train_images": int(len(tr_y)),
+                             "teacher": cfg.teacher or None, "seconds": round(result["total_seconds"], 1)},
+                         metrics={"val_split": val_name, "accuracy": plain["accuracy"], "macro_f1": plain["macro_f1"],
+                                  f"accuracy_tta_{cfg.tta}": final["accuracy"], "n": final["n"]})
+        save_model(out / "model.safetensors", raw, meta)
+        write_report(final, out, title=f"{cfg.model} on {val_name}: {final['accuracy'] * 100:.2f}% (tta {cfg.tta})")
+        (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        if history:
+            plot_curves(history, out / "curves.png")
+        fabric.print(f"done: {val_name} accuracy {plain['accuracy'] * 100:.2f}% (tta {cfg.tta}: "
+                     f"{final['accuracy'] * 100:.2f}%), macro-F1 {final['macro_f1'] * 100:.2f}%, "
+                     f"{result['total_seconds']:.0f}s; model in {out / 'model.safetensors'}")
+    fabric.barrier()
+    return result
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    m = getattr(model, "module", model)
+    return getattr(m, "module", m)
+
+
+def _save_weights(model: nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    sd = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.detach().cpu().contiguous()
+          for k, v in _unwrap(model).state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(sd, str(tmp))
+    os.replace(tmp, path)
+
+
+def _write_yaml(path: Path, d: dict) -> None:
+    import yaml
+
+    path.write_text(yaml.safe_dump(d, sort_keys=False))

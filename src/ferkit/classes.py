@@ -5,6 +5,8 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable, Sequence
 
+from ferkit.errors import FerkitError
+
 #: The seven FER2013 expressions in the order of the ``emotion`` column of ``fer2013.csv``.
 FER2013_CLASSES: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 #: The original project's three classes; ferkit's default.
@@ -33,7 +35,7 @@ SYNONYMS: dict[str, str] = {
 }
 
 
-class UnknownClassError(ValueError):
+class UnknownClassError(FerkitError, ValueError):
     """A class name that is neither a FER2013 expression nor one of its synonyms."""
 
 

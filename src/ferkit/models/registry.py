@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from ferkit.errors import FerkitError
+
 TIMM_PREFIX = "timm/"
 
 
@@ -79,7 +81,7 @@ def create_model(name: str, *, num_classes: int, in_chans: int = 1, pretrained: 
     return info.fn(num_classes=num_classes, in_chans=in_chans)
 
 
-class PretrainedUnavailableError(RuntimeError):
+class PretrainedUnavailableError(FerkitError, RuntimeError):
     """ImageNet weights could not be fetched (typically: no network)."""
 
 

@@ -1,0 +1,286 @@
+"""The ``ferkit`` command: train | distill | evaluate | predict | export | serve | models | download.
+
+Each subcommand is a thin wrapper over the Python API. Heavy modules are imported inside the handlers so that
+``ferkit predict`` never loads the training or server stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from ferkit import __version__
+from ferkit.errors import FerkitError
+
+log = logging.getLogger("ferkit")
+
+TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
+    ("--data", dict(help="dataset root (train/, validation/ …), a split folder or fer2013.csv")),
+    ("--classes", dict(help="comma-separated classes, or 'all' for the seven FER2013 ones (default happy,sad,neutral)")),
+    ("--recipe", dict(help="quick (CPU default) | seed (the original EfficientNet-B0 recipe) | accurate (GPU)")),
+    ("--model", dict(help="architecture: see 'ferkit models --arch'; timm/<name> for timm backbones")),
+    ("--epochs", dict(type=int)),
+    ("--batch-size", dict(type=int)),
+    ("--lr", dict(type=float)),
+    ("--out", dict(help="run directory (default runs/<model>-<time>)")),
+    ("--device", dict(choices=["auto", "cpu", "cuda"])),
+    ("--devices", dict(type=int, help="processes/GPUs per machine (DDP through Lightning Fabric)")),
+    ("--num-nodes", dict(type=int, help="machines (DDP through Lightning Fabric / torchrun)")),
+    ("--seed", dict(type=int)),
+    ("--threads", dict(type=int, help="CPU threads for torch")),
+    ("--max-steps", dict(type=int, help="stop after this many optimizer steps (smoke runs)")),
+    ("--early-stop", dict(type=int, help="stop after this many epochs without validation improvement")),
+    ("--tta", dict(choices=["none", "flip", "tencrop"], help="test-time augmentation for the final evaluation")),
+]
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    for flag, kw in TRAIN_FLAGS:
+        p.add_argument(flag, default=None, **kw)
+    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
+                   help="ImageNet weights for timm backbones (needs network the first time)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out (or the latest run) from last.ckpt")
+    p.add_argument("--config", help="YAML/JSON file of TrainConfig fields")
+    p.add_argument("--strict", action="store_true", default=None, help="fail on the first unreadable image")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any TrainConfig field (repeatable), e.g. --set label_smoothing=0.05")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ferkit", description="Facial expression recognition: train, recognise, serve.")
+    p.add_argument("--version", action="version", version=f"ferkit {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="more logging")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    t = sub.add_parser("train", help="train a model on a FER dataset")
+    _add_train_flags(t)
+
+    d = sub.add_parser("distill", help="train a small student on teacher models' soft labels")
+    d.add_argument("--teacher", required=True, help="teacher model(s): name, run dir or file; comma-separated")
+    d.add_argument("--student", default=None, help="student architecture (default fastcnn)")
+    d.add_argument("--alpha", type=float, default=None, help="weight of the soft-label loss (default 0.7)")
+    d.add_argument("--temperature", type=float, default=None, help="distillation temperature (default 4)")
+    _add_train_flags(d)
+
+    e = sub.add_parser("evaluate", help="accuracy, macro-F1, per-class metrics and confusion matrix")
+    e.add_argument("--model", required=True, help="model name, run dir or file; comma-separated for an ensemble")
+    e.add_argument("--data", help="dataset root or split folder (default: the data the model was trained on)")
+    e.add_argument("--split", default=None, help="test | validation (default: test if present, else validation)")
+    e.add_argument("--classes", help="restrict to these classes")
+    e.add_argument("--tta", default="none", choices=["none", "flip", "tencrop"])
+    e.add_argument("--out", help="write metrics.json and confusion_matrix.png here")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--batch-size", type=int, default=512)
+    e.add_argument("--strict", action="store_true", help="fail on the first unreadable image")
+
+    pr = sub.add_parser("predict", help="recognise expressions in images, folders and videos")
+    pr.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, video files")
+    pr.add_argument("--model", default="fer3")
+    pr.add_argument("--format", default="table", choices=["table", "json", "jsonl", "csv"])
+    pr.add_argument("--save-annotated", metavar="DIR")
+    pr.add_argument("--no-detect", action="store_true", help="classify each whole image as one face")
+    pr.add_argument("--detector", default="yunet")
+    pr.add_argument("--every", type=int, default=1, help="video: every Nth frame")
+    pr.add_argument("--batch-size", type=int, default=64)
+    pr.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"])
+
+    x = sub.add_parser("export", help="export a model to ONNX with a parity check")
+    x.add_argument("--model", required=True)
+    x.add_argument("--format", default="onnx", choices=["onnx"])
+    x.add_argument("--out", required=True)
+    x.add_argument("--data", help="images for the parity check (default ../shared/data/fer2013 validation if present)")
+    x.add_argument("--opset", type=int, default=17)
+
+    s = sub.add_parser("serve", help="REST API and web page")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--model", default="fer3")
+    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"])
+    s.add_argument("--max-upload-mb", type=float, default=10.0)
+
+    m = sub.add_parser("models", help="list bundled models (and architectures)")
+    m.add_argument("--json", action="store_true")
+    m.add_argument("--arch", action="store_true", help="list trainable architectures instead")
+
+    dl = sub.add_parser("download", help="download a dataset (needs network)")
+    dl.add_argument("dataset", choices=["fer2013"])
+    dl.add_argument("--to", required=True, help="where to lay out the dataset root")
+    return p
+
+
+def _train_overrides(a: argparse.Namespace) -> dict[str, Any]:
+    ov: dict[str, Any] = {}
+    for flag, _ in TRAIN_FLAGS:
+        key = flag[2:].replace("-", "_")
+        if getattr(a, key, None) is not None:
+            ov[key] = getattr(a, key)
+    for key in ("pretrained", "strict"):
+        if getattr(a, key, None) is not None:
+            ov[key] = getattr(a, key)
+    for item in a.set:
+        if "=" not in item:
+            raise FerkitError(f"--set {item}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        ov[k.strip()] = v.strip()
+    return ov
+
+
+def _latest_run() -> Path | None:
+    runs = sorted(Path("runs").glob("*/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    return runs[-1].parent if runs else None
+
+
+def cmd_train(a: argparse.Namespace, extra: dict[str, Any] | None = None) -> int:
+    import time
+
+    import yaml
+
+    from ferkit.config import make_config
+    from ferkit.errors import ConfigError
+
+    ov = {**_train_overrides(a), **(extra or {})}
+    config_file = a.config
+    if a.resume:
+        out = Path(ov["out"]) if ov.get("out") else _latest_run()
+        if out is None or not (out / "last.ckpt").exists():
+            raise ConfigError(f"{out or 'runs/'}: nothing to resume (no last.ckpt); give the run with --out")
+        saved = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").exists() else {}
+        ov = {**saved, **ov, "out": str(out)}
+        print(f"ferkit: resuming {out}")
+    cfg = make_config(ov.get("recipe") or "quick", ov, config_file)
+    if not cfg.data:
+        raise ConfigError("--data is required: a dataset root with train/ (and validation/), or fer2013.csv")
+    if not ov.get("out") and not a.resume:
+        cfg.out = f"runs/{cfg.model.replace('/', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    from ferkit.train.loop import fit
+
+    fit(cfg, resume=a.resume)
+    return 0
+
+
+def cmd_distill(a: argparse.Namespace) -> int:
+    extra: dict[str, Any] = {"teacher": a.teacher}
+    if a.student:
+        extra["model"] = a.student
+    if a.alpha is not None:
+        extra["distill_alpha"] = a.alpha
+    if a.temperature is not None:
+        extra["distill_temp"] = a.temperature
+    return cmd_train(a, extra)
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from ferkit.ensemble import evaluate_models
+
+    m = evaluate_models([s for s in a.model.split(",") if s.strip()], data=a.data, split=a.split, classes=a.classes,
+                        tta=a.tta, batch_size=a.batch_size, strict=a.strict, say=lambda s: print(s, file=sys.stderr))
+    if a.out:
+        from ferkit.evaluate import write_report
+
+        write_report(m, a.out, title=f"{a.model} on {m['split']}: {m['accuracy'] * 100:.2f}% (tta {a.tta})")
+    if a.json:
+        print(json.dumps(m))
+    else:
+        from ferkit.evaluate import format_table
+
+        print(f"model {a.model}   data {m['data']} [{m['split']}]   tta {a.tta}")
+        print(format_table(m))
+    return 0
+
+
+def cmd_predict(a: argparse.Namespace) -> int:
+    from ferkit.infer.predict import run_predict
+
+    return run_predict(a.inputs, model=a.model, fmt=a.format, save_annotated=a.save_annotated, no_detect=a.no_detect,
+                       detector=a.detector, every=a.every, batch_size=a.batch_size, backend=a.backend)
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from ferkit.export import export_onnx
+
+    r = export_onnx(a.model, a.out, data=a.data, opset=a.opset)
+    print(f"wrote {r['path']}: parity vs PyTorch on {r['n']} images, max |Δp| = {r['max_abs_diff']:.2e} "
+          f"({'ok' if r['passed'] else 'FAILED'}, limit 1e-4)")
+    return 0 if r["passed"] else 1
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from ferkit.serve.app import serve
+
+    serve(host=a.host, port=a.port, model=a.model, workers=a.workers, backend=a.backend, max_upload_mb=a.max_upload_mb)
+    return 0
+
+
+def cmd_models(a: argparse.Namespace) -> int:
+    if a.arch:
+        from ferkit.models import get_model_info, list_models
+
+        rows = [{"name": n, "input_size": get_model_info(n).default_input_size,
+                 "description": get_model_info(n).description} for n in list_models()]
+        if a.json:
+            print(json.dumps(rows))
+        else:
+            for r in rows:
+                print(f"{r['name']:<14} {r['description']}")
+            print("timm/<name>    any timm backbone (pip install timm), e.g. timm/efficientnet_b0")
+        return 0
+    from ferkit.modelfile import bundled_models, read_meta
+
+    rows = []
+    for name, path in bundled_models().items():
+        meta = read_meta(path)
+        rows.append({"name": name, "arch": meta.arch, "classes": list(meta.classes), "input_size": meta.input_size,
+                     "validation_accuracy": meta.metrics.get("accuracy"), "size_mb": round(path.stat().st_size / 1e6, 2),
+                     "path": str(path)})
+    if a.json:
+        print(json.dumps(rows))
+        return 0
+    print(f"{'name':<8}{'arch':<14}{'input':<8}{'val acc':<10}{'size':<9}classes")
+    for r in rows:
+        acc = f"{r['validation_accuracy'] * 100:.2f}%" if r["validation_accuracy"] is not None else "-"
+        print(f"{r['name']:<8}{r['arch']:<14}{r['input_size']:<8}{acc:<10}{r['size_mb']:<6.2f}MB {','.join(r['classes'])}")
+    return 0
+
+
+def cmd_download(a: argparse.Namespace) -> int:
+    from ferkit.download import download_fer2013
+
+    root = download_fer2013(a.to)
+    print(f"fer2013 laid out in {root}: train with  ferkit train --data {root}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "distill": cmd_distill, "evaluate": cmd_evaluate, "predict": cmd_predict,
+            "export": cmd_export, "serve": cmd_serve, "models": cmd_models, "download": cmd_download}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``ferkit`` console script; returns the exit status (tests call it in-process)."""
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="ferkit: %(message)s")
+    try:
+        return COMMANDS[a.command](a)
+    except KeyboardInterrupt:
+        print("ferkit: interrupted" + ("; continue with --resume" if a.command in ("train", "distill") else ""),
+              file=sys.stderr)
+        return 130
+    except FerkitError as e:
+        print(f"ferkit: error: {e}", file=sys.stderr)
+        return 2 if a.command in ("train", "distill", "evaluate") else 1
+    except ImportError as e:
+        print(f"ferkit: error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:  # e.g. unknown architecture from the registry
+        print(f"ferkit: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,42 @@
+# ferkit: `make serve` (main job: the REST API and web page on the bundled model), `make test` (the test suite).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+# torch is pinned: this version installs from local wheels on the development machines and CI.
+TORCH := torch==2.14.1 torchvision==0.29.1
+PORT ?= 8000
+
+.PHONY: install test serve demo bench lint browser clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) $(TORCH)
+	$(PIP) -e '.[test,download]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# Debian's Chromium for the web-page test (skipped with a reason when it cannot be installed).
+browser:
+	@bash scripts/ensure_chromium.sh
+
+test: install browser
+	$(PY) -m pytest -q
+
+serve: install
+	$(VENV)/bin/ferkit serve --host 127.0.0.1 --port $(PORT)
+
+demo: install
+	$(PY) scripts/make_examples.py examples
+	$(VENV)/bin/ferkit predict examples --save-annotated demo-out
+	@echo "annotated copies in demo-out/"
+
+bench: install
+	$(PY) benchmarks/infer_speed.py
+	$(PY) benchmarks/serve_load.py
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) demo-out examples .pytest_cache

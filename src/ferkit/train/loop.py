@@ -79,8 +79,15 @@ def train_one_epoch(fabric, model: nn.Module, opt, sched, images: torch.Tensor, 
         y = labels[j]
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        out = model(x)
-        loss = loss_fn(out.float(), y)
+        if cfg.mixup > 0:  # mixup (Zhang et al. 2018): convex blend of two images and of their losses
+            lam = float(np.random.default_rng(cfg.seed * 1_000_003 + step0 + b).beta(cfg.mixup, cfg.mixup))
+            mix = torch.randperm(len(y), device=x.device, generator=g)
+            x = lam * x + (1 - lam) * x[mix]
+            out = model(x)
+            loss = lam * loss_fn(out.float(), y) + (1 - lam) * loss_fn(out.float(), y[mix])
+        else:
+            out = model(x)
+            loss = loss_fn(out.float(), y)
         if teachers is not None:
             from ferkit.train.distill import distill_loss
 
@@ -180,6 +187,8 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         opt = torch.optim.Adam(params, lr=cfg.lr)
     else:
         opt = torch.optim.AdamW(params, lr=cfg.lr)
+    if cfg.compile:  # worth it on a GPU for long runs; compile time dominates short CPU runs
+        model = torch.compile(model)
     model, opt = fabric.setup(model, opt)
     steps_per_epoch = max(1, (len(tr_y) // fabric.world_size) // cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
@@ -283,8 +292,9 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    m = getattr(model, "module", model)
-    return getattr(m, "module", m)
+    m = getattr(model, "module", model)  # Fabric wrapper
+    m = getattr(m, "module", m)  # DDP
+    return getattr(m, "_orig_mod", m)  # torch.compile
 
 
 def _save_weights(model: nn.Module, path: Path) -> None:

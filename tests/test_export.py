@@ -1,0 +1,133 @@
+"""ONNX export: a valid graph, ferkit metadata inside, parity with PyTorch, and the Recognizer reads it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+import onnx
+
+from ferkit.errors import DatasetError, ModelFileError
+from ferkit.export import PARITY_TOLERANCE, export_onnx
+from ferkit.modelfile import ModelMeta, save_model
+from ferkit.models import create_model
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+VALIDATION = DATA / "fer2013" / "validation"
+CLASSES = ("happy", "sad", "neutral")
+
+
+def make_test_model(path: Path, seed: int = 0, classes: tuple[str, ...] = CLASSES) -> Path:
+    """A fastcnn with random convolutions and a head fitted in closed form (class means of standardised features
+    of 150 training faces), so its predictions vary and are confident — parity and label agreement are then tested
+    away from near-ties — without seconds of training."""
+    from ferkit.data import find_dataset, load_split
+    from ferkit.data.augment import to_float
+
+    torch.manual_seed(seed)
+    net = create_model("fastcnn", num_classes=len(classes)).eval()
+    split = find_dataset(DATA / "fer2013" / "train", list(classes), require_all=False).splits["single"]
+    idx = np.random.default_rng(seed).choice(len(split), 150, replace=False)
+    split.files, split.labels = [split.files[i] for i in idx], split.labels[idx]
+    faces = load_split(split, 48, use_cache=False)
+    with torch.no_grad():
+        feats = net.head[:2](net.features(to_float(torch.as_tensor(faces.images), 48, 0.5, 0.25)))
+        mu, sd = feats.mean(0), feats.std(0) + 1e-6
+        z = (feats - mu) / sd
+        y = torch.as_tensor(faces.labels)
+        centroids = torch.stack([z[y == k].mean(0) if (y == k).any() else torch.zeros_like(mu)
+                                 for k in range(len(classes))])
+        w = 3.0 * centroids / sd
+        net.head[-1].weight.copy_(w)
+        net.head[-1].bias.copy_(-(w * mu).sum(1))
+    meta = ModelMeta(arch="fastcnn", classes=classes, name="test3", metrics={"accuracy": 0.5, "val_split": "validation"})
+    return save_model(path, net, meta)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    if not (VALIDATION.is_dir() and (DATA / "fer2013" / "train").is_dir()):
+        pytest.skip(f"FER2013 data not found under {DATA / 'fer2013'}")
+    d = tmp_path_factory.mktemp("export")
+    model = make_test_model(d / "m.safetensors")
+    out = d / "m.onnx"
+    result = export_onnx(str(model), str(out), data=str(VALIDATION))
+    print(f"parity: max |Δp| = {result['max_abs_diff']:.3g} on {result['n']} images ({result['data']})")
+    return model, out, result
+
+
+def test_export_result_and_checker(exported: tuple[Path, Path, dict]) -> None:
+    _, out, result = exported
+    assert result["path"] == str(out) and out.is_file()
+    assert result["passed"] is True and result["opset"] == 17
+    assert result["n"] == 200
+    assert 0 <= result["max_abs_diff"] <= PARITY_TOLERANCE
+    assert result["label_agreement"] == 1.0
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    assert not [p for p in out.parent.iterdir() if p.name.endswith(".tmp")]  # no temporary file left behind
+
+
+def test_metadata_and_io(exported: tuple[Path, Path, dict]) -> None:
+    _, out, _ = exported
+    proto = onnx.load(str(out))
+    props = {p.key: p.value for p in proto.metadata_props}
+    meta = ModelMeta.from_dict(json.loads(props["ferkit"]))
+    assert meta.classes == CLASSES and meta.arch == "fastcnn" and meta.metrics["accuracy"] == 0.5
+    assert json.loads(props["classes"]) == list(CLASSES)
+    assert props["input_size"] == "48" and props["output"] == "probabilities"
+    (inp,), (outp,) = proto.graph.input, proto.graph.output
+    assert inp.name == "input" and outp.name == "probs"
+    dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
+    assert dims == ["batch", 1, 48, 48]
+
+
+def test_recognizer_onnx_matches_torch(exported: tuple[Path, Path, dict]) -> None:
+    from ferkit.data import find_dataset, load_split
+    from ferkit.infer.recognizer import Recognizer
+
+    model, out, _ = exported
+    split = find_dataset(VALIDATION, list(CLASSES), require_all=False).splits["single"]
+    idx = np.linspace(0, len(split) - 1, 200).round().astype(int)
+    split.files = [split.files[i] for i in idx]
+    split.labels = split.labels[idx]
+    faces = load_split(split, 48, use_cache=False).images
+    assert len(faces) == 200
+
+    rec_onnx = Recognizer(model=str(out))
+    rec_torch = Recognizer(model=str(model), backend="torch")
+    assert rec_onnx.backend == "onnx" and rec_torch.backend == "torch"
+    assert rec_onnx.classes == rec_torch.classes == CLASSES
+    p_onnx, p_torch = rec_onnx.classify(faces), rec_torch.classify(faces)
+    assert np.abs(p_onnx - p_torch).max() <= PARITY_TOLERANCE
+    assert (p_onnx.argmax(1) == p_torch.argmax(1)).all()
+    assert len(set(p_torch.argmax(1).tolist())) > 1  # the test model really discriminates
+    # the whole pipeline, on a real photo, gives the same labels too
+    photo = next((DATA / "wild-dev" / "happy").glob("*.jpg"))
+    a, b = rec_onnx.predict(photo), rec_torch.predict(photo)
+    assert [f.label for f in a] == [f.label for f in b] and [f.box for f in a] == [f.box for f in b]
+
+
+def test_export_other_data_and_opset(tmp_path: Path) -> None:
+    wild = DATA / "wild-dev"
+    if not wild.is_dir():
+        pytest.skip(f"wild-dev data not found at {wild}")
+    model = make_test_model(tmp_path / "m.safetensors", seed=1)
+    result = export_onnx(str(model), str(tmp_path / "sub" / "w"), data=str(wild), opset=18, parity_images=20)
+    assert result["path"] == str(tmp_path / "sub" / "w.onnx") and result["opset"] == 18
+    assert result["n"] == 20 and result["passed"]
+
+
+def test_export_errors(tmp_path: Path) -> None:
+    with pytest.raises(ModelFileError):
+        export_onnx(str(tmp_path / "missing.safetensors"), str(tmp_path / "x.onnx"))
+    model = make_test_model(tmp_path / "m.safetensors")
+    with pytest.raises(DatasetError):
+        export_onnx(str(model), str(tmp_path / "x.onnx"), data=str(tmp_path / "no-such-data"))
+    assert not (tmp_path / "x.onnx").exists()

@@ -140,6 +140,11 @@ def _validate(cfg: TrainConfig) -> None:
         (cfg.precision in ("auto", "32", "bf16", "16"), f"precision '{cfg.precision}' is not auto, 32 or bf16"),
         (cfg.tta in ("none", "flip", "tencrop"), f"tta '{cfg.tta}' is not none, flip or tencrop"),
         (cfg.devices >= 1 and cfg.num_nodes >= 1, "devices and num_nodes must be at least 1"),
+        (0.0 <= cfg.warmup_pct < 1.0, f"warmup_pct {cfg.warmup_pct} must be in [0, 1)"),
+        (0.0 <= cfg.label_smoothing < 1.0, f"label_smoothing {cfg.label_smoothing} must be in [0, 1)"),
+        (0.0 <= cfg.distill_alpha <= 1.0, f"distill_alpha {cfg.distill_alpha} must be in [0, 1]"),
+        (cfg.distill_temp > 0, "distill_temp must be positive"),
+        (cfg.max_steps >= 0 and cfg.early_stop >= 0, "max_steps and early_stop must be 0 (off) or positive"),
     ]
     for ok, msg in checks:
         if not ok:

@@ -67,9 +67,12 @@ def to_rgb_or_gray(im: Image.Image, name: str = "image") -> Image.Image:
         bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
         im = Image.alpha_composite(bg, im).convert("RGB")
     elif im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit data keeps its brightness (65535 → 255), as an 8-bit save of the same picture would have it;
+        # 32-bit integers with values above 16 bits are scaled by their maximum.
         a = np.asarray(im, dtype=np.float64)
-        hi = a.max() if a.size else 1.0
-        im = Image.fromarray((a * (255.0 / max(hi, 1.0))).clip(0, 255).astype(np.uint8), "L")
+        hi = a.max() if a.size else 0.0
+        scale = 1.0 if im.mode == "I" and hi <= 255 else (255.0 / 65535.0 if hi <= 65535 else 255.0 / hi)
+        im = Image.fromarray(np.rint(a * scale).clip(0, 255).astype(np.uint8), "L")
     elif im.mode == "F":
         a = np.asarray(im, dtype=np.float64)
         lo, hi = (a.min(), a.max()) if a.size else (0.0, 1.0)

@@ -12,7 +12,7 @@ def to_float(x: torch.Tensor, size: int, mean: float, std: float) -> torch.Tenso
     """uint8 B×H×W (or B×1×H×W) → normalised float B×1×size×size."""
     if x.dim() == 3:
         x = x.unsqueeze(1)
-    x = x.float().div_(255.0)
+    x = x.float() / 255.0  # not in place: .float() of a float tensor is the caller's tensor
     if x.shape[-1] != size or x.shape[-2] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     return (x - mean) / std
@@ -52,7 +52,8 @@ def fer_augment(x: torch.Tensor, *, rotate: float, scale: float, shift: float, f
         xs = torch.arange(w, device=dev).view(1, 1, w)
         m = ((ys - cy.view(b, 1, 1)).abs() < eh.view(b, 1, 1) / 2) & ((xs - cx.view(b, 1, 1)).abs() < ew.view(b, 1, 1) / 2)
         m = m & (u(0, 1) < erase).view(b, 1, 1)
-        x = torch.where(m.unsqueeze(1), torch.rand_like(x[:, :1, :1, :1]).expand_as(x), x)
+        fill = torch.rand(b, 1, 1, 1, device=dev, generator=generator, dtype=x.dtype)  # the generator: reproducible
+        x = torch.where(m.unsqueeze(1), fill.expand_as(x), x)
     return x.clamp_(0, 1)
 
 
@@ -82,7 +83,7 @@ class BatchAugment:
         c = self.cfg
         if x.dim() == 3:
             x = x.unsqueeze(1)
-        x = x.float().div_(255.0)
+        x = x.float() / 255.0
         if x.shape[-1] != c.input_size:
             x = F.interpolate(x, size=(c.input_size, c.input_size), mode="bilinear", align_corners=False)
         if c.augment == "fer":

@@ -148,7 +148,7 @@ def _from_csv(p: Path, classes: list[str], require_all: bool) -> Dataset:
     rows: dict[str, tuple[list[np.ndarray], list[int]]] = {}
     bad: list[str] = []
     try:
-        fh = p.open(newline="", encoding="utf-8")
+        fh = p.open(newline="", encoding="utf-8-sig")  # -sig: spreadsheet programs write a byte-order mark
     except OSError as e:
         raise DatasetError(f"{p}: cannot read ({e.strerror})") from None
     with fh:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch.nn as nn
@@ -57,7 +58,7 @@ def get_model_info(name: str) -> ModelInfo:
     _ensure_builtins()
     if name in _REGISTRY:
         return _REGISTRY[name]
-    close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+    close = difflib.get_close_matches(name.lower(), list(_REGISTRY), n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     raise ValueError(
         f"unknown model '{name}' (built-in: {', '.join(sorted(_REGISTRY))}; or timm/<name> with timm installed){hint}"
@@ -97,17 +98,51 @@ def _create_timm(name: str, *, num_classes: int, in_chans: int, pretrained: bool
     if not pretrained:
         return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
     import os
-    import socket
 
-    # Fail fast instead of hanging on a closed network: the hub download would otherwise retry for minutes.
-    old = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(float(os.environ.get("FERKIT_DOWNLOAD_TIMEOUT", "10")))
+    timeout = float(os.environ.get("FERKIT_DOWNLOAD_TIMEOUT", "10"))
+    # Fail fast instead of hanging on a closed network: the hub client would otherwise retry with back-off for about
+    # a minute. Offline, the hub is told so, which still lets it use weights already in its cache.
+    offline = not _hub_reachable(timeout)
     try:
-        return timm.create_model(name, pretrained=True, num_classes=num_classes, in_chans=in_chans)
-    except Exception as e:  # network errors come in many types (requests, urllib, huggingface_hub)
+        with _hub_offline(offline):
+            return timm.create_model(name, pretrained=True, num_classes=num_classes, in_chans=in_chans)
+    except Exception as e:  # network errors come in many types (requests, httpx, urllib, huggingface_hub)
+        why = "you seem to be offline" if offline else "the download failed"
         raise PretrainedUnavailableError(
-            f"could not download ImageNet weights for timm/{name} ({type(e).__name__}): you seem to be offline; "
+            f"could not download ImageNet weights for timm/{name} ({type(e).__name__}): {why}; "
             "train without --pretrained, or run once online so timm caches the weights"
         ) from e
+
+
+def _hub_reachable(timeout: float) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within ``timeout`` seconds (assumed yes behind a proxy)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """Switch huggingface_hub to offline mode (cache only, no retries) for the duration, if ``offline``."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - timm without the hub client: nothing to switch
+        constants = None
+    if not offline or constants is None or not hasattr(constants, "HF_HUB_OFFLINE"):
+        yield
+        return
+    old = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
     finally:
-        socket.setdefaulttimeout(old)
+        constants.HF_HUB_OFFLINE = old

@@ -1,0 +1,114 @@
+"""Shared fixtures: where the real data lives, tiny copies of it, a fer2013.csv made from real images.
+
+Every test session gets its own decoded-image cache (``FERKIT_CACHE_DIR``) and no progress bars.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+#: ``../shared/data`` beside the repository: ``fer2013/{train,validation}/<class>/*.jpg`` (48×48 FER2013).
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+FER_DIR = DATA / "fer2013"
+TINY_CLASSES = ("happy", "sad", "neutral")
+FER2013_ORDER = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+
+needs_data = pytest.mark.skipif(not (FER_DIR / "train").is_dir(), reason=f"no FER2013 data at {FER_DIR}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ferkit_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A private cache directory and no progress bars for the whole session (subprocesses inherit both)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FERKIT_CACHE_DIR", str(tmp_path_factory.mktemp("ferkit-cache")))
+    mp.setenv("FERKIT_PROGRESS", "0")
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The FER2013 folder dataset (``train/`` and ``validation/``); skips the test when it is absent."""
+    if not (FER_DIR / "train").is_dir():
+        pytest.skip(f"no FER2013 data at {FER_DIR}")
+    return FER_DIR
+
+
+def copy_split_slice(dst: Path, n_train: int, n_val: int, classes: tuple[str, ...] = TINY_CLASSES) -> Path:
+    """Copy the first ``n_train``/``n_val`` images per class of the real train/validation splits into ``dst``."""
+    for split, n in (("train", n_train), ("validation", n_val)):
+        for c in classes:
+            src = FER_DIR / split / c
+            out = dst / split / c
+            out.mkdir(parents=True, exist_ok=True)
+            for f in sorted(src.iterdir())[:n]:
+                shutil.copy2(f, out / f.name)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def make_tiny_dataset(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Callable[..., Path]:
+    """Factory: ``make_tiny_dataset(n_train, n_val, classes=...)`` → a fresh dataset root of real images."""
+
+    def make(n_train: int = 30, n_val: int = 30, classes: tuple[str, ...] = TINY_CLASSES) -> Path:
+        return copy_split_slice(tmp_path_factory.mktemp("tiny"), n_train, n_val, classes)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(make_tiny_dataset: Callable[..., Path]) -> Path:
+    """30 train + 30 validation images per class of happy/sad/neutral. Shared by the session: do not modify."""
+    return make_tiny_dataset(30, 30)
+
+
+def write_fer_csv(path: Path, rows: list[tuple[int, np.ndarray | str, str]], header: str = "emotion,pixels,Usage") -> Path:
+    """Write a fer2013-style CSV; ``pixels`` may be a 48×48 array or a raw string (for malformed rows)."""
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header.split(","))
+        for emo, pix, usage in rows:
+            text = pix if isinstance(pix, str) else " ".join(str(int(v)) for v in np.asarray(pix).ravel())
+            w.writerow([emo, text, usage])
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_csv(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    """A ``fer2013.csv`` of real images: per class of the tiny set, 6 Training, 3 PublicTest, 2 PrivateTest rows."""
+    rows = []
+    for c in TINY_CLASSES:
+        emo = FER2013_ORDER.index(c)
+        files = sorted((data_dir / "train" / c).iterdir())[:8] + sorted((data_dir / "validation" / c).iterdir())[:3]
+        for i, f in enumerate(files):
+            usage = "Training" if i < 6 else ("PublicTest" if i < 9 else "PrivateTest")
+            rows.append((emo, np.asarray(Image.open(f).convert("L")), usage))
+    return write_fer_csv(tmp_path_factory.mktemp("csv") / "fer2013.csv", rows)
+
+
+def one_line_error(err: str) -> str:
+    """Assert that ``err`` is exactly one ``ferkit: error:`` line with no traceback, and return it."""
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert "Traceback" not in err, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith("ferkit: error: "), err
+    return lines[0]
+
+
+@pytest.fixture(name="one_line_error")
+def _one_line_error() -> Callable[[str], str]:
+    """The :func:`one_line_error` check, as a fixture (test modules do not import conftest)."""
+    return one_line_error
+
+
+@pytest.fixture(name="write_fer_csv")
+def _write_fer_csv() -> Callable[..., Path]:
+    """The :func:`write_fer_csv` writer, as a fixture."""
+    return write_fer_csv

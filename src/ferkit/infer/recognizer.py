@@ -1,0 +1,347 @@
+"""Recognise facial expressions in photos: detect faces, crop and normalise them, classify them in one batch.
+
+    >>> from ferkit import Recognizer
+    >>> rec = Recognizer()                       # bundled "fer3": happy, sad, neutral
+    >>> res = rec.predict("photo.jpg")
+    >>> [(f.label, round(f.score, 2), f.box) for f in res]
+    [('happy', 0.93, (212, 80, 141, 141))]
+    >>> res.to_json()
+    >>> annotated = res.plot()                   # RGB array with boxes and labels
+
+This module imports neither torch nor the training or server stacks; the backend loads on ``Recognizer(...)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ferkit.errors import ImageError
+from ferkit.images import ImageInput, load_image, resize_face
+from ferkit.infer.detect import DEFAULT_DETECTOR, Detector, get_detector
+from ferkit.infer.runtime import Runtime, make_runtime
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ferkit.modelfile import ModelMeta
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CROP_MARGIN", "MIN_IMAGE_SIDE", "Face", "Recognizer", "Results", "crop_box"]
+
+#: Context added on every side of a detector box before cropping, as a fraction of the box's longer side. FER2013's
+#: 48×48 crops are loose (forehead, ears, chin); YuNet's boxes are tight. Chosen on wild-dev (see the report in
+#: ``benchmarks/infer_speed.json``).
+CROP_MARGIN = 0.15
+#: Images with a shorter side than this cannot hold a recognisable face and are refused.
+MIN_IMAGE_SIDE = 8
+#: Largest number of faces sent to the backend in one call (bounds memory on huge batches).
+MAX_CLASSIFY_BATCH = 512
+
+_COLOURS: dict[str, tuple[int, int, int]] = {  # RGB
+    "happy": (46, 204, 64),
+    "sad": (0, 116, 217),
+    "neutral": (170, 170, 170),
+    "angry": (255, 65, 54),
+    "disgust": (61, 153, 112),
+    "fear": (177, 13, 201),
+    "surprise": (255, 133, 27),
+}
+_PALETTE = [(255, 220, 0), (57, 204, 204), (240, 18, 190), (1, 255, 112), (255, 133, 27), (127, 219, 255)]
+
+
+@dataclass(frozen=True)
+class Face:
+    """One recognised face.
+
+    Attributes:
+        box: ``(x, y, w, h)`` in pixels of the original image (after EXIF rotation).
+        label: the most probable class.
+        score: its probability.
+        scores: class → probability, in the model's class order.
+    """
+
+    box: tuple[int, int, int, int]
+    label: str
+    score: float
+    scores: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"box": [x, y, w, h], "label": ..., "score": ..., "scores": {class: prob}}`` (JSON-ready)."""
+        return {"box": [int(v) for v in self.box], "label": self.label, "score": float(self.score),
+                "scores": {k: float(v) for k, v in self.scores.items()}}
+
+
+@dataclass
+class Results:
+    """The faces found in one image; behaves as a list of :class:`Face`.
+
+    Attributes:
+        faces: the faces, largest first.
+        image: the image the boxes refer to (uint8 H×W×3 RGB or H×W gray), or None when not kept.
+        path: the file the image came from, or None.
+    """
+
+    faces: list[Face]
+    image: np.ndarray | None = None
+    path: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.faces)
+
+    def __iter__(self) -> Iterator[Face]:
+        return iter(self.faces)
+
+    def __getitem__(self, i: int) -> Face:
+        return self.faces[i]
+
+    def __repr__(self) -> str:
+        shape = None if self.image is None else tuple(self.image.shape)
+        return f"Results(path={self.path!r}, image={shape}, faces={self.faces!r})"
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"file": path or None, "faces": [face.to_dict(), ...]}``."""
+        return {"file": self.path, "faces": [f.to_dict() for f in self.faces]}
+
+    def to_json(self, **kwargs: Any) -> str:
+        """``to_dict()`` as JSON; keyword arguments go to ``json.dumps``."""
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def plot(self) -> np.ndarray:
+        """A copy of the image (uint8 H×W×3 RGB) with each face's box, label and score drawn.
+
+        Raises:
+            ValueError: the results do not hold their image.
+        """
+        if self.image is None:
+            raise ValueError("these results do not hold their image (nothing to draw on)")
+        return draw_faces(self.image, self.faces)
+
+
+def _colour(label: str) -> tuple[int, int, int]:
+    return _COLOURS.get(label) or _PALETTE[sum(map(ord, label)) % len(_PALETTE)]
+
+
+def draw_faces(image: np.ndarray, faces: Sequence[Face]) -> np.ndarray:
+    """Draw boxes and ``label score`` captions on an RGB copy of ``image``.
+
+    The caption's size follows the box (at least legible on the image as a whole), sits above the box, or inside it
+    when the box touches the top edge.
+    """
+    import cv2
+
+    out = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB) if image.ndim == 2 else image.copy()
+    img_h, img_w = out.shape[:2]
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    min_scale = max(img_h, img_w) / 1400  # ~11 px high text on a 640-px image, more on big photos
+    for f in faces:
+        x, y, w, h = f.box
+        colour = _colour(f.label)
+        line = max(1, round(max(w, h) / 100))
+        cv2.rectangle(out, (x, y), (x + w - 1, y + h - 1), colour, line, cv2.LINE_AA)
+        text = f"{f.label} {f.score:.2f}"
+        (tw1, _), _ = cv2.getTextSize(text, font, 1.0, 1)
+        scale = min(max(w * 0.9 / tw1, min_scale, 0.35), 3.0)
+        thick = max(1, round(scale * 1.6))
+        (tw, th), base = cv2.getTextSize(text, font, scale, thick)
+        pad = max(2, th // 4)
+        top = y - th - base - 2 * pad
+        if top < 0:  # no room above the box: caption inside its top edge
+            top = y
+        tx = min(max(0, x), max(0, img_w - tw - 2 * pad))
+        cv2.rectangle(out, (tx, top), (tx + tw + 2 * pad, top + th + base + 2 * pad), colour, -1)
+        # dark text on light colours, white on dark ones
+        ink = (0, 0, 0) if sum(colour) > 380 else (255, 255, 255)
+        cv2.putText(out, text, (tx + pad, top + pad + th), font, scale, ink, thick, cv2.LINE_AA)
+    return out
+
+
+def crop_box(box: tuple[int, int, int, int], margin: float = CROP_MARGIN) -> tuple[int, int, int, int]:
+    """The square crop around a face box: centred on it, ``margin`` of its longer side added on every side.
+
+    Returns:
+        ``(x0, y0, x1, y1)``, possibly reaching outside the image (the caller pads).
+    """
+    x, y, w, h = box
+    side = max(w, h) * (1.0 + 2.0 * margin)
+    cx, cy = x + w / 2.0, y + h / 2.0
+    x0, y0 = round(cx - side / 2), round(cy - side / 2)
+    s = max(1, round(side))
+    return x0, y0, x0 + s, y0 + s
+
+
+def _cut(gray: np.ndarray, region: tuple[int, int, int, int]) -> np.ndarray:
+    """``gray[y0:y1, x0:x1]``, with the part outside the image filled by replicating its edge (keeps the face's
+    aspect ratio; stretching a clipped crop distorts the expression)."""
+    x0, y0, x1, y1 = region
+    h, w = gray.shape
+    cx0, cy0, cx1, cy1 = max(0, x0), max(0, y0), min(w, x1), min(h, y1)
+    crop = gray[cy0:cy1, cx0:cx1]
+    pads = (cy0 - y0, y1 - cy1, cx0 - x0, x1 - cx1)
+    if any(pads) and crop.size:
+        import cv2
+
+        crop = cv2.copyMakeBorder(crop, *pads, cv2.BORDER_REPLICATE)
+    return crop
+
+
+class Recognizer:
+    """Facial expression recognition: face detector + expression classifier.
+
+    Args:
+        model: a bundled model's name (``"fer3"``, ``"fer7"``), a run directory, a ``.safetensors`` model file or an
+            exported ``.onnx`` file.
+        backend: ``"auto"`` (onnxruntime when installed, else PyTorch), ``"onnx"`` or ``"torch"``.
+        detector: a detector name (see ``ferkit.infer.detect.list_detectors()``) or a ``Detector`` instance.
+        device: ``"cpu"`` or a CUDA device (PyTorch backend).
+        crop_margin: context added around each detector box before classifying (fraction of the box side).
+
+    Raises:
+        ModelFileError: ``model`` is missing or not a ferkit model.
+        ValueError: an unknown detector or backend name.
+        ImportError: a backend or detector whose package is not installed, naming the ``pip install`` that fixes it.
+    """
+
+    def __init__(self, model: str | os.PathLike = "fer3", backend: str = "auto", detector: str | Detector =
+                 DEFAULT_DETECTOR, device: str = "cpu", *, crop_margin: float = CROP_MARGIN) -> None:
+        # The detector first: a wrong name should fail before seconds are spent loading the model.
+        self.detector: Detector = get_detector(detector) if isinstance(detector, str) else detector
+        self.runtime: Runtime = make_runtime(model, backend, device=device)
+        self.meta: ModelMeta = self.runtime.meta
+        self.classes: tuple[str, ...] = tuple(self.meta.classes)
+        self.crop_margin = crop_margin
+        self.model = str(model)
+
+    @property
+    def backend(self) -> str:
+        """The backend in use: ``"onnx"`` or ``"torch"``."""
+        return self.runtime.name
+
+    def __repr__(self) -> str:
+        return (f"Recognizer(model={self.model!r}, classes={list(self.classes)}, backend={self.backend!r}, "
+                f"detector={self.detector.name!r})")
+
+    # -- public API ------------------------------------------------------------------------------------------------
+
+    def predict(self, image: ImageInput, detect: bool = True) -> Results:
+        """Find the faces in one image and recognise their expressions.
+
+        Args:
+            image: a path, encoded bytes, a PIL image, or a uint8 array (H×W gray or H×W×3 **RGB**).
+            detect: False to classify the whole image as one face (for inputs that are already face crops).
+
+        Raises:
+            ImageError: the image cannot be read, or is too small or too large.
+        """
+        return self.predict_batch([image], detect=detect)[0]
+
+    def predict_batch(self, images: Sequence[ImageInput], detect: bool = True) -> list[Results]:
+        """Like :meth:`predict` for several images; all their faces are classified in one batch.
+
+        Raises:
+            ImageError: one of the images cannot be read (nothing is returned for the others).
+        """
+        arrays, paths = [], []
+        for i, src in enumerate(images):
+            path = os.fspath(src) if isinstance(src, (str, os.PathLike)) else None
+            arrays.append(self.load(src, name=path or (f"image {i}" if len(images) > 1 else None)))
+            paths.append(path)
+        return self.predict_arrays(arrays, paths, detect=detect)
+
+    def classify(self, crops: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+        """Class probabilities for face crops (no detection).
+
+        Args:
+            crops: uint8 N×H×W (gray) or N×H×W×3 (RGB), or a list of H×W / H×W×3 arrays of any sizes; each is
+                converted to gray and resized to the model's input size.
+
+        Returns:
+            float32 N×C, columns in ``self.classes`` order; rows sum to 1.
+        """
+        s = self.meta.input_size
+        if isinstance(crops, np.ndarray) and crops.dtype == np.uint8 and crops.ndim == 3 and crops.shape[1:] == (s, s):
+            faces = crops
+        else:
+            if isinstance(crops, np.ndarray) and crops.ndim not in (3, 4):
+                raise ImageError(f"crops: expected N×H×W or N×H×W×3, got shape {crops.shape}")
+            items = [load_image(c, name=f"crop {i}") for i, c in enumerate(crops)]
+            faces = np.stack([resize_face(c, s) for c in items]) if items else np.zeros((0, s, s), np.uint8)
+        return self._classify_faces(faces)
+
+    # -- building blocks (used by ``ferkit predict`` and the server) ------------------------------------------------
+
+    @staticmethod
+    def load(source: ImageInput, name: str | None = None) -> np.ndarray:
+        """``load_image`` plus the minimum-size check: uint8 H×W or H×W×3 RGB.
+
+        Raises:
+            ImageError: unreadable, too large, or smaller than ``MIN_IMAGE_SIDE`` on a side.
+        """
+        arr = load_image(source, name=name)
+        h, w = arr.shape[:2]
+        if min(h, w) < MIN_IMAGE_SIDE:
+            label = name or (os.fspath(source) if isinstance(source, (str, os.PathLike)) else "image")
+            raise ImageError(f"{label}: image too small ({w}×{h} pixels; a face needs at least "
+                             f"{MIN_IMAGE_SIDE}×{MIN_IMAGE_SIDE})")
+        return arr
+
+    def detect(self, image: np.ndarray) -> list[tuple[int, int, int, int]]:
+        """Face boxes ``(x, y, w, h)`` in a loaded image, largest first."""
+        return [(d.x, d.y, d.w, d.h) for d in self.detector.detect(image)]
+
+    def crops(self, image: np.ndarray, boxes: Sequence[tuple[int, int, int, int]]) -> np.ndarray:
+        """uint8 N×S×S gray face crops for ``boxes`` (margin added, squared, edge-padded, resized)."""
+        import cv2
+
+        s = self.meta.input_size
+        if not boxes:
+            return np.zeros((0, s, s), np.uint8)
+        gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) if image.ndim == 3 else image
+        return np.stack([resize_face(_cut(gray, crop_box(b, self.crop_margin)), s) for b in boxes])
+
+    def predict_arrays(self, images: Sequence[np.ndarray], paths: Sequence[str | None] | None = None, *,
+                       detect: bool = True, keep_images: bool = True) -> list[Results]:
+        """Recognise faces in already loaded images (uint8 H×W or H×W×3 RGB), one classifier call for all faces."""
+        paths = list(paths) if paths is not None else [None] * len(images)
+        all_boxes: list[list[tuple[int, int, int, int]]] = []
+        all_crops = []
+        for img in images:
+            boxes = self.detect(img) if detect else [(0, 0, img.shape[1], img.shape[0])]
+            all_boxes.append(boxes)
+            all_crops.append(self.crops(img, boxes))
+        probs = self._classify_faces(np.concatenate(all_crops) if all_crops else
+                                     np.zeros((0, self.meta.input_size, self.meta.input_size), np.uint8))
+        out, k = [], 0
+        for img, path, boxes in zip(images, paths, all_boxes):
+            faces = [self._face(b, probs[k + j]) for j, b in enumerate(boxes)]
+            k += len(boxes)
+            out.append(Results(faces, img if keep_images else None, path))
+        return out
+
+    # -- internals ---------------------------------------------------------------------------------------------------
+
+    def _face(self, box: tuple[int, int, int, int], p: np.ndarray) -> Face:
+        i = int(p.argmax())
+        return Face(tuple(int(v) for v in box), self.classes[i], float(p[i]),  # type: ignore[arg-type]
+                    {c: float(v) for c, v in zip(self.classes, p)})
+
+    def _classify_faces(self, faces: np.ndarray) -> np.ndarray:
+        """uint8 N×S×S → probabilities, normalised as in training: ``(x/255 - mean) / std``."""
+        m = self.meta
+        if len(faces) == 0:
+            return np.zeros((0, len(self.classes)), np.float32)
+        out = []
+        for i in range(0, len(faces), MAX_CLASSIFY_BATCH):
+            x = faces[i:i + MAX_CLASSIFY_BATCH].astype(np.float32)
+            x *= np.float32(1.0 / (255.0 * m.std))
+            x -= np.float32(m.mean / m.std)
+            x = x[:, None]
+            if m.in_chans != 1:
+                x = np.repeat(x, m.in_chans, axis=1)
+            out.append(self.runtime.probs(x))
+        return np.concatenate(out).astype(np.float32, copy=False)

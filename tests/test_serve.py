@@ -160,7 +160,7 @@ def test_predict_whole_image_and_formats(server: tuple[str, Path], photos: list[
         assert r.json()["image"] == {"width": w // 3, "height": h // 3}
     # a readable image without faces: 200 and no faces
     buf = io.BytesIO()
-    Image.new("L", (200, 150), 128).save(buf, "PNG")
+    Image.new("L", (640, 360), 128).save(buf, "PNG")
     r = httpx.post(base + "/v1/predict", content=buf.getvalue(), timeout=60)
     assert r.status_code == 200 and r.json()["faces"] == []
 

@@ -24,6 +24,7 @@
   function setStatus(text) { $("status").textContent = text || ""; }
 
   function showError(message) {
+    $("result").hidden = true;  // never leave an earlier photo's result looking like this one's
     const el = $("error");
     el.textContent = message;
     el.hidden = false;
@@ -90,9 +91,10 @@
       let body = null;
       try { body = await resp.json(); } catch (e) { body = null; }
       if (!resp.ok) {
-        const detail = body && typeof body.detail === "string" ? body.detail : resp.statusText;
+        let detail = body && typeof body.detail === "string" ? body.detail : resp.statusText || `HTTP ${resp.status}`;
+        if (detail.startsWith(`${name}: `)) detail = detail.slice(name.length + 2);  // the server names it too
         const hint = resp.status === 503 ? " (the server is busy; try again in a moment)" : "";
-        showError(`Could not analyse ${name}: ${detail || "HTTP " + resp.status}${hint}`);
+        showError(`Could not analyse ${name}: ${detail}${hint}`);
         return;
       }
       render(body, bitmap, name);
@@ -105,13 +107,21 @@
     }
   }
 
+  function countLabels(faces) {
+    const n = {};
+    for (const f of faces) n[f.label] = (n[f.label] || 0) + 1;
+    return Object.entries(n).sort((a, b) => b[1] - a[1]).map(([l, k]) => `${k} ${l}`).join(", ");
+  }
+
   function render(result, bitmap, name) {
     const faces = result.faces || [];
     const W = result.image.width;
     const H = result.image.height;
-    const scale = Math.min(1, 900 / W, 700 / H);
+    // Fit the display area; small photos are enlarged so their faces stay visible.
+    const scale = Math.min(900 / W, 640 / H);
     canvas.width = Math.max(1, Math.round(W * scale));
     canvas.height = Math.max(1, Math.round(H * scale));
+    ctx.imageSmoothingQuality = "high";
     if (bitmap) {
       ctx.drawImage(bitmap, 0, 0, canvas.width, canvas.height);
     } else {
@@ -122,7 +132,7 @@
       ctx.fillText("(this browser cannot show this image format)", 12, 28);
     }
     const lw = Math.max(2, Math.round(Math.min(canvas.width, canvas.height) / 200));
-    const fontPx = Math.max(13, Math.round(Math.min(canvas.width, canvas.height) / 32));
+    const fontPx = Math.max(16, Math.round(Math.max(canvas.width, canvas.height) / 48));
     faces.forEach((f, i) => {
       const [x, y, w, h] = f.box.map((v) => v * scale);
       const color = colorFor(f.label);
@@ -133,18 +143,20 @@
       ctx.font = `600 ${fontPx}px system-ui, sans-serif`;
       const tw = ctx.measureText(text).width + 10;
       const th = fontPx + 8;
-      const ty = y - th >= 0 ? y - th : Math.min(y + h, canvas.height - th);
+      // Caption above the box; inside its top edge when there is no room above. Always within the canvas.
+      const ty = y - th >= 0 ? y - th : Math.max(0, y);
+      const tx = Math.max(0, Math.min(x - lw / 2, canvas.width - tw));
       ctx.fillStyle = color;
-      ctx.fillRect(x - lw / 2, ty, tw, th);
+      ctx.fillRect(tx, ty, tw, th);
       ctx.fillStyle = "#fff";
-      ctx.fillText(text, x + 5 - lw / 2, ty + fontPx + 1);
+      ctx.fillText(text, tx + 5, ty + fontPx + 1);
     });
     canvas.dataset.faces = String(faces.length);
     canvas.setAttribute("aria-label", `${name}: ${faces.length} face(s) found`);
 
     const summary = faces.length === 0
       ? "No face found — untick “find faces first” to classify the whole image"
-      : faces.length === 1 ? `1 face: ${faces[0].label}` : `${faces.length} faces`;
+      : faces.length === 1 ? `1 face: ${faces[0].label}` : `${faces.length} faces: ${countLabels(faces)}`;
     $("summary").textContent = summary;
     const list = $("faces");
     list.replaceChildren();

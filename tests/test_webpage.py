@@ -1,0 +1,227 @@
+"""The web page in a real headless Chromium (Playwright) against a real server process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+
+from ferkit.modelfile import ModelMeta, save_model
+from ferkit.models import create_model
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+WILD = DATA / "wild-dev"
+CLASSES = ("happy", "sad", "neutral")
+CHROMIUM = os.environ.get("FERKIT_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                reason=f"chromium not installed at {CHROMIUM} (apt-get install -y chromium)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    d = tmp_path_factory.mktemp("webpage")
+    torch.manual_seed(0)
+    model = save_model(d / "test3.safetensors", create_model("fastcnn", num_classes=3).eval(),
+                       ModelMeta(arch="fastcnn", classes=CLASSES, metrics={"accuracy": 0.5}))
+    port = free_port()
+    code = (f"from ferkit.serve.app import serve; serve(host='127.0.0.1', port={port}, model={str(model)!r}, "
+            f"max_upload_mb=2, access_log=False)")
+    log_path = d / "server.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited:\n{log_path.read_text()}")
+            try:
+                if httpx.get(base + "/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not healthy in time:\n{log_path.read_text()}")
+            time.sleep(0.3)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def playwright() -> Iterator[object]:
+    with sync_api.sync_playwright() as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def browser(playwright: object) -> Iterator[object]:
+    b = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def photo() -> Path:
+    files = sorted((WILD / "happy").glob("*.jpg"))
+    if not files:
+        pytest.skip(f"no wild-dev photos at {WILD}")
+    # a modest photo (fast to upload and decode) that is not a tiny thumbnail
+    sized = [f for f in files[:40] if min(Image.open(f).size) >= 300] or files
+    return min(sized, key=lambda f: f.stat().st_size)
+
+
+def wait_js(page: object, expr: str, timeout: float = 30.0) -> None:
+    """Poll a JavaScript expression until it is truthy (``page.wait_for_function`` evaluates strings with ``eval``
+    in the page, which the page's Content-Security-Policy rightly forbids)."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(expr):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {expr}")
+        page.wait_for_timeout(100)
+
+
+def open_page(browser: object, base: str) -> tuple[object, object, list[str]]:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    console_errors: list[str] = []
+    page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: console_errors.append(str(e)))
+    page.goto(base + "/")
+    wait_js(page, "document.getElementById('model-info').textContent.includes('classes')")
+    return context, page, console_errors
+
+
+def test_upload_photo_shows_result(server: str, browser: object, photo: Path, tmp_path: Path) -> None:
+    context, page, console_errors = open_page(browser, server)
+    try:
+        assert "happy, sad, neutral" in page.text_content("#model-info")
+        # what the server says about this photo, to compare with what the page shows
+        expected = httpx.post(server + "/v1/predict", files={"file": (photo.name, photo.read_bytes())},
+                              timeout=60).json()
+        assert expected["faces"]
+
+        page.set_input_files("#file-input", str(photo))
+        page.wait_for_selector("#canvas[data-state='done']", timeout=60_000)
+        assert page.is_hidden("#error")
+        canvas = page.locator("#canvas")
+        assert int(canvas.get_attribute("data-faces")) == len(expected["faces"])
+        size = page.evaluate("[document.getElementById('canvas').width, document.getElementById('canvas').height]")
+        assert size[0] > 100 and size[1] > 100
+        # the canvas really holds the photo (not a blank or placeholder)
+        spread = page.evaluate("""() => {
+            const c = document.getElementById('canvas');
+            const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+            let lo = 255, hi = 0;
+            for (let i = 0; i < d.length; i += 4 * 97) { lo = Math.min(lo, d[i]); hi = Math.max(hi, d[i]); }
+            return hi - lo;
+        }""")
+        assert spread > 50
+
+        cards = page.locator("#faces li")
+        assert cards.count() == len(expected["faces"])
+        labels = [cards.nth(i).locator(".face-label").text_content() for i in range(cards.count())]
+        assert labels == [f["label"] for f in expected["faces"]]
+        bars = cards.nth(0).locator(".bar-row")
+        assert bars.count() == len(CLASSES)
+        assert [bars.nth(i).locator(".bar-name").text_content() for i in range(len(CLASSES))] == list(CLASSES)
+        assert expected["faces"][0]["label"] in page.text_content("#summary")
+        shot = tmp_path / "webpage-result.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 10_000
+        assert not console_errors, console_errors
+    finally:
+        context.close()
+
+
+def test_non_image_upload_shows_error(server: str, browser: object, photo: Path, tmp_path: Path) -> None:
+    context, page, _ = open_page(browser, server)
+    try:
+        bad = tmp_path / "notes.txt"
+        bad.write_text("this is not a photo\n")
+        page.set_input_files("#file-input", str(bad))
+        page.wait_for_selector("#error:not([hidden])", timeout=30_000)
+        text = page.text_content("#error")
+        assert "notes.txt" in text and "cannot identify image file" in text
+        assert page.locator("#canvas").get_attribute("data-state") == "error"
+        page.screenshot(path=str(tmp_path / "webpage-error.png"), full_page=True)
+
+        # a file over the limit is refused in the page, before uploading
+        big = tmp_path / "big.jpg"
+        big.write_bytes(photo.read_bytes() + os.urandom(3 * 2**20))
+        page.set_input_files("#file-input", str(big))
+        wait_js(page, "document.getElementById('error').textContent.includes('limit')", 10)
+
+        # and the page recovers: a good photo afterwards clears the error
+        page.set_input_files("#file-input", str(photo))
+        page.wait_for_selector("#canvas[data-state='done']", timeout=60_000)
+        assert page.is_hidden("#error")
+    finally:
+        context.close()
+
+
+def test_docs_page_renders_offline(server: str, browser: object) -> None:
+    context = browser.new_context()
+    page = context.new_page()
+    external: list[str] = []
+    page.on("request", lambda r: external.append(r.url) if not r.url.startswith(server) else None)
+    try:
+        page.goto(server + "/docs")
+        page.wait_for_selector(".endpoint", timeout=10_000)
+        text = page.text_content("#endpoints")
+        assert "/v1/predict" in text and "/healthz" in text and "413" in text
+        assert not [u for u in external if not u.startswith("data:")], external
+    finally:
+        context.close()
+
+
+def test_webcam_snapshot_with_fake_camera(server: str, playwright: object, tmp_path: Path) -> None:
+    """Chromium's fake camera (a moving test pattern, no face) goes through getUserMedia → snapshot → /v1/predict."""
+    fake = ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
+    b = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS + fake, headless=True)
+    try:
+        context = b.new_context()
+        context.grant_permissions(["camera"], origin=server)
+        page = context.new_page()
+        page.goto(server + "/")
+        page.click("#webcam-start")
+        wait_js(page, "document.getElementById('video').videoWidth > 0", 20)
+        page.click("#snap")
+        page.wait_for_selector("#canvas[data-state='done']", timeout=60_000)
+        assert page.is_hidden("#error")
+        assert int(page.locator("#canvas").get_attribute("data-faces")) >= 0
+        assert "webcam snapshot" in page.text_content("#status")
+        page.screenshot(path=str(tmp_path / "webpage-webcam.png"), full_page=True)
+        page.click("#webcam-stop")
+        assert page.is_hidden("#webcam")
+    finally:
+        b.close()

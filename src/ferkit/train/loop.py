@@ -64,7 +64,7 @@ def train_one_epoch(fabric, model: nn.Module, opt, sched, images: torch.Tensor, 
     idx = shard(len(labels), epoch, cfg.seed, fabric.global_rank, fabric.world_size)
     g = torch.Generator(device=images.device).manual_seed(cfg.seed * 7919 + epoch * 31 + fabric.global_rank)
     nb = max(1, len(idx) // cfg.batch_size)
-    tot_loss = tot_ok = seen = 0
+    tot_loss = tot_ok = seen = steps = 0
     bar = None
     if fabric.is_global_zero and os.environ.get("FERKIT_PROGRESS", "1") != "0":
         from tqdm import tqdm
@@ -102,12 +102,14 @@ def train_one_epoch(fabric, model: nn.Module, opt, sched, images: torch.Tensor, 
             tot_loss += loss.item() * len(y)
             tot_ok += (out.argmax(1) == y).sum().item()
             seen += len(y)
+        steps += 1
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{tot_loss / seen:.3f}", acc=f"{tot_ok / seen:.3f}")
     if bar is not None:
         bar.close()
-    return {"train_loss": tot_loss / max(seen, 1), "train_acc": tot_ok / max(seen, 1), "steps": b + 1 if nb else 0}
+    return {"train_loss": tot_loss / max(seen, 1), "train_acc": tot_ok / max(seen, 1), "steps": steps,
+            "images": seen}
 
 
 @torch.no_grad()
@@ -193,7 +195,9 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     steps_per_epoch = max(1, (len(tr_y) // fabric.world_size) // cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     if cfg.schedule == "onecycle":
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=cfg.warmup_pct,
+        # OneCycleLR divides by zero when pct_start × total_steps is exactly 1 (0.2 × 5 steps): step off that point.
+        pct = cfg.warmup_pct if abs(cfg.warmup_pct * total - 1) > 1e-6 else cfg.warmup_pct * 1.01
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=pct,
                                                     div_factor=25, final_div_factor=1e3)
     elif cfg.schedule == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
@@ -226,11 +230,12 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         stale = extra.get("stale", 0)
         fabric.print(f"resuming {out} from epoch {start_epoch + 1}/{cfg.epochs} (best so far {best_acc * 100:.2f}%)")
 
-    t_train = time.perf_counter()
+    t_train, images_seen = time.perf_counter(), 0
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         tr = train_one_epoch(fabric, model, opt, sched, images, labels, cfg, epoch, augment, loss_fn, teachers, step)
         step += tr.pop("steps")
+        images_seen += tr.pop("images")
         ev = evaluate(model, val_images, val_labels, cfg.input_size)
         ev.pop("probs")
         if cfg.schedule == "plateau":
@@ -257,6 +262,10 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
                                                else f"no improvement for {stale} epochs"))
             break
     train_seconds = time.perf_counter() - t_train
+    dump = os.environ.get("FERKIT_DUMP_RANK_WEIGHTS")
+    if dump:  # for tests of distributed runs: every rank's final weights, to compare them
+        Path(dump).mkdir(parents=True, exist_ok=True)
+        _save_weights(model, Path(dump) / f"rank{fabric.global_rank}.safetensors")
 
     # Final evaluation of the best epoch's weights, with the recipe's test-time augmentation.
     raw = fabric.to_device(_unwrap(model))
@@ -270,7 +279,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
               "best_epoch": int(max(history, key=lambda h: h["val_acc"])["epoch"]) if history else 0,
               "history": history, "train_seconds": train_seconds, "data_seconds": t_data,
               "total_seconds": time.perf_counter() - t_start, "skipped": len(skipped), "status": "done",
-              "images_per_second": sum(len(tr_y) for _ in history[start_epoch:]) / max(train_seconds, 1e-9)}
+              "images_per_second": images_seen * fabric.world_size / max(train_seconds, 1e-9)}
     if fabric.is_global_zero:
         meta = ModelMeta(arch=cfg.model, classes=tuple(classes), input_size=cfg.input_size, in_chans=1, mean=MEAN,
                          std=STD, name=out.name, training={

@@ -1,0 +1,157 @@
+"""The model file: safetensors weights + JSON metadata, loaded without pickle."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ferkit.errors import ModelFileError
+from ferkit.modelfile import FORMAT, META_KEY, ModelMeta, load_model, read_meta, resolve_model_path, save_model
+from ferkit.models import create_model
+
+META = ModelMeta(arch="fastcnn", classes=("happy", "sad", "neutral"), input_size=48, in_chans=1, mean=0.5, std=0.25,
+                 name="unit", training={"recipe": "quick", "epochs": 3, "teacher": None},
+                 metrics={"accuracy": 0.75, "n": 10})
+
+
+def trained_net(arch: str = "fastcnn", n: int = 3) -> torch.nn.Module:
+    """A network whose weights and BatchNorm statistics are not the fresh defaults."""
+    torch.manual_seed(0)
+    net = create_model(arch, num_classes=n)
+    net.train()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+        net(torch.randn(8, 1, 48, 48))  # moves the running statistics
+    return net.eval()
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
+    net = trained_net()
+    return save_model(tmp_path / "run" / "model.safetensors", net, META), net
+
+
+def test_round_trip_gives_identical_outputs(saved: tuple[Path, torch.nn.Module]) -> None:
+    path, net = saved
+    loaded, meta = load_model(path)
+    assert not loaded.training
+    x = torch.randn(4, 1, 48, 48)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), net(x))
+    for k, v in net.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    assert meta == META
+
+
+def test_metadata(saved: tuple[Path, torch.nn.Module]) -> None:
+    path, _ = saved
+    meta = read_meta(path)
+    assert meta.classes == ("happy", "sad", "neutral") and isinstance(meta.classes, tuple)
+    assert (meta.arch, meta.input_size, meta.in_chans, meta.mean, meta.std) == ("fastcnn", 48, 1, 0.5, 0.25)
+    assert meta.training["epochs"] == 3 and meta.metrics["accuracy"] == 0.75 and meta.format == FORMAT
+    sidecar = json.loads(path.with_suffix(".json").read_text())
+    assert sidecar["classes"] == ["happy", "sad", "neutral"] and sidecar["arch"] == "fastcnn"
+    with pytest.raises(AttributeError):
+        meta.arch = "vgg"  # type: ignore[misc]  # frozen
+    assert not list(path.parent.glob("*.tmp"))
+
+
+def test_the_file_is_plain_safetensors(saved: tuple[Path, torch.nn.Module]) -> None:
+    """8-byte little-endian header length, a JSON header with the metadata, then raw tensor bytes — no pickle."""
+    path, net = saved
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    assert header["__metadata__"]["format"] == FORMAT
+    assert json.loads(header["__metadata__"][META_KEY])["arch"] == "fastcnn"
+    assert set(header) - {"__metadata__"} == set(net.state_dict())
+    assert all(header[k]["dtype"] in ("F32", "I64") for k in net.state_dict())
+    assert b"\x80\x04\x95" not in raw[:8 + n]  # no pickle protocol-4 frame in the header
+
+
+def test_loading_never_unpickles(saved: tuple[Path, torch.nn.Module], monkeypatch: pytest.MonkeyPatch) -> None:
+    path, _ = saved
+
+    def refuse(*a: object, **k: object) -> None:
+        raise AssertionError("unpickling was attempted")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    net, meta = load_model(path)
+    assert meta.arch == "fastcnn" and isinstance(net, torch.nn.Module)
+    assert load_model(path.parent)[1] == meta  # a run directory
+    assert read_meta(path).classes == META.classes
+
+
+def test_run_directory_and_names_resolve(saved: tuple[Path, torch.nn.Module], tmp_path: Path) -> None:
+    path, _ = saved
+    assert resolve_model_path(path.parent) == path
+    assert resolve_model_path(str(path)) == path
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    with pytest.raises(ModelFileError, match="holds no model.safetensors"):
+        resolve_model_path(empty)
+
+
+@pytest.mark.parametrize("arch", ["fastcnn_wide"])
+def test_other_architectures_round_trip(tmp_path: Path, arch: str) -> None:
+    net = trained_net(arch, 7)
+    meta = ModelMeta(arch=arch, classes=("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"))
+    loaded, m = load_model(save_model(tmp_path / "m.safetensors", net, meta, json_sidecar=False))
+    assert not (tmp_path / "m.json").exists()
+    x = torch.randn(2, 1, 48, 48)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), net(x))
+    assert m.classes == meta.classes
+
+
+def test_half_precision_weights_are_saved_as_float32(tmp_path: Path) -> None:
+    net = trained_net().to(torch.bfloat16)
+    loaded, _ = load_model(save_model(tmp_path / "m.safetensors", net, META))
+    assert all(v.dtype in (torch.float32, torch.int64) for v in loaded.state_dict().values())
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("bad-models")
+    files = {"text": d / "notes.safetensors", "jpeg": d / "face.jpg", "plain_safetensors": d / "plain.safetensors",
+             "bad_meta": d / "badmeta.safetensors", "unknown_arch": d / "arch.safetensors",
+             "wrong_weights": d / "wrong.safetensors", "empty": d / "empty.safetensors"}
+    files["text"].write_text("hello")
+    files["jpeg"].write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 100)
+    files["empty"].write_bytes(b"")
+    save_file({"w": torch.zeros(2)}, str(files["plain_safetensors"]))
+    save_file({"w": torch.zeros(2)}, str(files["bad_meta"]), metadata={META_KEY: "{not json"})
+    save_model(files["unknown_arch"], trained_net(), ModelMeta(arch="nosuchnet", classes=("a", "b")))
+    save_model(files["wrong_weights"], trained_net(), ModelMeta(arch="resnet18", classes=("a", "b", "c")))
+    return files
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("missing", "no such model file, run directory or bundled model"),
+        ("text", "not a ferkit model file"),
+        ("jpeg", "not a ferkit model file"),
+        ("empty", "not a ferkit model file"),
+        ("plain_safetensors", "without ferkit metadata"),
+        ("bad_meta", "damaged ferkit metadata"),
+        ("unknown_arch", "cannot build architecture 'nosuchnet'"),
+        ("wrong_weights", "weights do not match architecture 'resnet18'"),
+    ],
+)
+def test_unusable_files_raise_model_file_error(bad_files: dict[str, Path], tmp_path: Path, kind: str,
+                                               message: str) -> None:
+    path = bad_files.get(kind, tmp_path / "missing.safetensors")
+    with pytest.raises(ModelFileError, match=message) as info:
+        load_model(path)
+    assert str(info.value).startswith(str(path)) and "\n" not in str(info.value)

@@ -1,0 +1,291 @@
+"""End to end through the real CLI on small slices of FER2013: train, evaluate, ensembles, distillation, recipes,
+bad input, an interrupted run, reproducibility."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from ferkit.cli import main
+from ferkit.config import make_config
+from ferkit.ensemble import ensemble_probs
+from ferkit.evaluate import evaluate_probs
+from ferkit.modelfile import ModelMeta, load_model, read_meta, save_model
+from ferkit.models import create_model
+
+RUN_FILES = ("model.safetensors", "model.json", "last.ckpt", "config.yaml", "metrics.json", "curves.png",
+             "confusion_matrix.png")
+H3 = ["happy", "sad", "neutral"]
+
+
+def train(*args: str | Path) -> int:
+    return main(["train", *map(str, args)])
+
+
+def load_ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)  # our own checkpoint, written by this test
+
+
+@pytest.fixture(scope="module")
+def micro(make_tiny_dataset: Callable[..., Path]) -> Path:
+    """10 train + 4 validation images per class: for the runs that only need to go through the motions."""
+    return make_tiny_dataset(10, 4)
+
+
+@pytest.fixture(scope="module")
+def run1(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "run1"
+    assert train("--data", tiny_dataset, "--epochs", 1, "--batch-size", 16, "--out", out) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def model7(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 7-class model file (weights untrained: what is under test is the evaluation, not the model)."""
+    torch.manual_seed(7)
+    net = create_model("fastcnn", num_classes=7).eval()
+    meta = ModelMeta(arch="fastcnn", classes=("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"),
+                     name="seven", training={"data": str(tiny_dataset)})
+    return save_model(tmp_path_factory.mktemp("m7") / "seven.safetensors", net, meta)
+
+
+def test_train_writes_the_run_directory(run1: Path, tiny_dataset: Path) -> None:
+    for name in RUN_FILES:
+        assert (run1 / name).is_file() and (run1 / name).stat().st_size > 0, name
+    assert not list(run1.glob("*.tmp"))
+    m = json.loads((run1 / "metrics.json").read_text())
+    assert m["status"] == "done" and len(m["history"]) == 1 and m["history"][0]["epoch"] == 1
+    assert m["final"]["n"] == 90 and m["final"]["classes"] == H3 and m["val_split"] == "validation"
+    assert m["images_per_second"] > 0 and m["skipped"] == 0
+    cfg = yaml.safe_load((run1 / "config.yaml").read_text())
+    assert cfg["data"] == str(tiny_dataset) and cfg["epochs"] == 1 and cfg["batch_size"] == 16
+    assert make_config("quick", cfg).out == str(run1)  # the saved config is a valid config
+    meta = read_meta(run1)
+    assert meta.classes == tuple(H3) and meta.arch == "fastcnn" and meta.training["data"] == str(tiny_dataset)
+    assert meta.metrics["accuracy"] == m["plain_accuracy"]
+    assert json.loads((run1 / "model.json").read_text())["classes"] == H3
+    ck = load_ckpt(run1 / "last.ckpt")
+    assert ck["epoch"] == 0 and ck["step"] == 90 // 16 and ck["config"]["data"] == str(tiny_dataset)
+
+
+def test_evaluate_json(run1: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["evaluate", "--model", str(run1), "--json", "--out", str(tmp_path / "ev")]) == 0
+    out, err = capsys.readouterr()
+    m = json.loads(out)
+    assert {"accuracy", "macro_f1", "per_class", "confusion_matrix", "classes", "n"} <= set(m)
+    assert m["classes"] == H3 and m["n"] == 90 and m["split"] == "validation"
+    assert "no test split" in err  # it says which split it fell back to
+    cm = np.array(m["confusion_matrix"])
+    assert cm.shape == (3, 3) and cm.sum() == 90 and m["accuracy"] == pytest.approx(np.trace(cm) / 90)
+    assert sum(r["support"] for r in m["per_class"].values()) == 90
+    # the model file gives exactly what training measured on the same images
+    assert m["accuracy"] == json.loads((run1 / "metrics.json").read_text())["plain_accuracy"]
+    assert (tmp_path / "ev" / "metrics.json").is_file() and (tmp_path / "ev" / "confusion_matrix.png").is_file()
+    assert main(["evaluate", "--model", str(run1), "--split", "train", "--tta", "flip"]) == 0
+    out, _ = capsys.readouterr()
+    assert "[train]" in out and "accuracy" in out and "confusion matrix" in out
+
+
+def test_seven_class_model_on_a_three_class_folder(model7: Path, tiny_dataset: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evaluate", "--model", str(model7), "--data", str(tiny_dataset / "validation"), "--json"]) == 0
+    out, err = capsys.readouterr()
+    m = json.loads(out)
+    assert m["classes"] == H3 and len(m["confusion_matrix"]) == 3 and m["n"] == 90
+    assert "restricted" in err and "7 classes" in err
+
+
+def test_ensemble_averages_the_models(run1: Path, model7: Path, tiny_dataset: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evaluate", "--model", f"{run1},{model7}", "--data", str(tiny_dataset), "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["models"] == [str(run1), str(model7)] and m["classes"] == H3 and m["n"] == 90
+    from ferkit.data import find_dataset
+
+    src = find_dataset(tiny_dataset, H3).splits["validation"]
+    a, b = load_model(run1), load_model(model7)
+    pa, labels = ensemble_probs([a], src, H3)
+    pb, _ = ensemble_probs([b], src, H3)
+    pab, _ = ensemble_probs([a, b], src, H3)
+    assert np.allclose(pab, (pa + pb) / 2, atol=1e-6)
+    assert np.allclose(pb.sum(1), 1, atol=1e-5)  # the 7-class model renormalised over the three
+    assert m["accuracy"] == evaluate_probs(pab, labels, H3)["accuracy"]
+
+
+def test_distill(run1: Path, tiny_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "student"
+    rc = main(["distill", "--teacher", str(run1), "--student", "fastcnn", "--data", str(tiny_dataset), "--epochs", "1",
+               "--batch-size", "16", "--max-steps", "2", "--out", str(out), "--temperature", "2"])
+    assert rc == 0
+    for name in RUN_FILES:
+        assert (out / name).is_file(), name
+    meta = read_meta(out)
+    assert meta.training["teacher"] == str(run1) and meta.arch == "fastcnn"
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["teacher"] == str(run1) and cfg["distill_temp"] == 2.0
+    assert load_ckpt(out / "last.ckpt")["step"] == 2
+
+
+@pytest.mark.slow
+def test_seed_recipe_runs_without_pretrained(make_tiny_dataset: Callable[..., Path], tmp_path: Path) -> None:
+    """EfficientNet-B0 at 160×160 is slow on two CPU cores: 4+2 images per class, two steps of four."""
+    pytest.importorskip("timm")
+    nano = make_tiny_dataset(4, 2)
+    out = tmp_path / "seed"
+    assert train("--recipe", "seed", "--no-pretrained", "--data", nano, "--epochs", 1, "--max-steps", 2,
+                 "--batch-size", 4, "--device", "cpu", "--out", out) == 0
+    meta = read_meta(out)
+    assert meta.arch == "timm/efficientnet_b0" and meta.input_size == 160
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["recipe"] == "seed" and cfg["pretrained"] is False and cfg["schedule"] == "plateau"
+    net, _ = load_model(out)
+    assert load_ckpt(out / "last.ckpt")["step"] == 2
+    with torch.no_grad():
+        assert net(torch.zeros(1, 1, 160, 160)).shape == (1, 3)
+
+
+@pytest.mark.slow
+def test_accurate_recipe_runs(micro: Path, tmp_path: Path) -> None:
+    # 30 images at batch 6: 5 steps an epoch, so the one-cycle warm-up (0.2) is exactly one step long
+    out = tmp_path / "accurate"
+    assert train("--recipe", "accurate", "--data", micro, "--epochs", 1, "--batch-size", 6, "--max-steps", 2,
+                 "--device", "cpu", "--out", out) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["tta"] == "tencrop" and m["final"]["n"] == 12
+    assert read_meta(out).arch == "vgg"
+    assert load_ckpt(out / "last.ckpt")["step"] == 2
+
+
+def _hub_reachable() -> bool:
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=3):
+            return True
+    except OSError:
+        return False
+
+
+BAD_INPUTS: list[tuple[str, list[str], str]] = [
+    ("missing data", ["train", "--out", "{tmp}/x"], "--data is required"),
+    ("empty folder", ["train", "--data", "{empty}", "--out", "{tmp}/x"], "empty folder"),
+    ("missing folder", ["train", "--data", "{tmp}/nowhere", "--out", "{tmp}/x"], "no such file or folder"),
+    ("unknown class", ["train", "--data", "{tiny}", "--classes", "hapy,sad", "--out", "{tmp}/x"],
+     "unknown class 'hapy'.*did you mean 'happy'"),
+    ("class without images", ["train", "--data", "{tiny}", "--classes", "happy,angry", "--out", "{tmp}/x"],
+     "no images for class.*angry"),
+    ("unknown recipe", ["train", "--data", "{tiny}", "--recipe", "quik", "--out", "{tmp}/x"],
+     "unknown recipe 'quik'.*did you mean 'quick'"),
+    ("unknown --set key", ["train", "--data", "{tiny}", "--set", "label_smothing=0.2", "--out", "{tmp}/x"],
+     "unknown config key 'label_smothing'; did you mean 'label_smoothing'"),
+    ("bad --set value", ["train", "--data", "{tiny}", "--set", "epochs=many", "--out", "{tmp}/x"],
+     "config field 'epochs'"),
+    ("--set without =", ["train", "--data", "{tiny}", "--set", "epochs", "--out", "{tmp}/x"], "expected KEY=VALUE"),
+    ("unknown model", ["train", "--data", "{tiny}", "--model", "fastcn", "--out", "{tmp}/x"],
+     "unknown model 'fastcn'.*did you mean 'fastcnn'"),
+    ("missing config file", ["train", "--data", "{tiny}", "--config", "{tmp}/nope.yaml"], "no such config file"),
+    ("nothing to resume", ["train", "--resume", "--out", "{tmp}/fresh"], "nothing to resume"),
+    ("unknown teacher", ["distill", "--teacher", "{tmp}/nope", "--data", "{tiny}", "--out", "{tmp}/x"],
+     "no such model file"),
+    ("evaluate a missing model", ["evaluate", "--model", "{tmp}/nope.safetensors"], "no such model file"),
+    ("evaluate on a missing folder", ["evaluate", "--model", "{run1}", "--data", "{tmp}/nowhere"],
+     "no such file or folder"),
+    ("evaluate a missing split", ["evaluate", "--model", "{run1}", "--split", "test"], "no 'test' split"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), [pytest.param(a, m, id=i) for i, a, m in BAD_INPUTS])
+def test_bad_input_is_one_line_and_exit_2(argv: list[str], message: str, tiny_dataset: Path, run1: Path,
+                                         tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                         one_line_error: Callable[[str], str]) -> None:
+    (tmp_path / "empty").mkdir()
+    subs = {"tmp": str(tmp_path), "empty": str(tmp_path / "empty"), "tiny": str(tiny_dataset), "run1": str(run1)}
+    rc = main([a.format(**subs) for a in argv])
+    out, err = capsys.readouterr()
+    assert rc == 2, (out, err)
+    assert re.search(message, one_line_error(err)), err
+    assert not (tmp_path / "x" / "model.safetensors").exists()
+
+
+def test_pretrained_offline_is_one_line(micro: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                       monkeypatch: pytest.MonkeyPatch, one_line_error: Callable[[str], str]) -> None:
+    pytest.importorskip("timm")
+    if _hub_reachable():
+        pytest.skip("the Hugging Face hub is reachable: --pretrained would download weights")
+    monkeypatch.setenv("FERKIT_DOWNLOAD_TIMEOUT", "2")
+    t0 = time.perf_counter()
+    rc = train("--recipe", "seed", "--data", micro, "--max-steps", 1, "--device", "cpu", "--out", tmp_path / "x")
+    _, err = capsys.readouterr()
+    if rc == 0:
+        pytest.skip("ImageNet weights were already in the local hub cache")
+    assert rc == 2 and "offline" in one_line_error(err) and "without --pretrained" in err
+    assert time.perf_counter() - t0 < 30
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def test_same_seed_same_weights(micro: Path, tmp_path: Path) -> None:
+    def run(name: str, seed: int) -> dict[str, torch.Tensor]:
+        out = tmp_path / name
+        assert train("--data", micro, "--epochs", 1, "--batch-size", 8, "--max-steps", 3, "--seed", seed,
+                     "--device", "cpu", "--out", out) == 0
+        assert load_ckpt(out / "last.ckpt")["step"] == 3
+        return _weights(out / "model.safetensors")
+
+    a, b, c = run("a", 0), run("b", 0), run("c", 1)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_interrupted_run_resumes(tiny_dataset: Path, tmp_path: Path) -> None:
+    """SIGKILL a real training process after its first checkpoint; --resume finishes the run with every epoch."""
+    out = tmp_path / "killed"
+    epochs = 4
+    cmd = [sys.executable, "-m", "ferkit", "train", "--data", str(tiny_dataset), "--epochs", str(epochs),
+           "--batch-size", "16", "--device", "cpu", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    ckpt = out / "last.ckpt"
+    try:
+        deadline = time.monotonic() + 240
+        while not ckpt.exists():
+            assert proc.poll() is None, f"training ended before its first checkpoint: {proc.stdout.read()}"
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    first = load_ckpt(ckpt)  # complete, never half-written
+    assert first["epoch"] < epochs - 1, "the run finished before it could be interrupted"
+    assert not (out / "model.safetensors").exists()
+
+    assert train("--resume", "--out", out) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["status"] == "done"
+    assert [h["epoch"] for h in m["history"]] == list(range(1, epochs + 1))
+    assert m["history"][: first["epoch"] + 1] == first["history"]  # the epochs before the kill are kept as they were
+    last = load_ckpt(ckpt)
+    assert last["epoch"] == epochs - 1 and last["step"] == epochs * (90 // 16)
+    assert not list(out.glob("*.tmp"))
+    assert read_meta(out).training["epochs"] == epochs

@@ -65,12 +65,17 @@ def _parity_faces(meta: ModelMeta, data: str | os.PathLike | None, n: int) -> tu
     path = Path(data) if data is not None else default_parity_data()
     if path is None:
         return None, "no validation data found (looked for ../shared/data/fer2013/validation)"
+    sources_log = logging.getLogger("ferkit.data.sources")
+    level = sources_log.level
+    sources_log.setLevel(logging.ERROR)  # "skipping folders not among the classes" is expected here, not news
     try:
         ds = find_dataset(path, list(meta.classes), require_all=False)
     except DatasetError as e:
         if data is not None:  # data the user named must be usable
             raise
         return None, f"default validation data unusable ({e})"
+    finally:
+        sources_log.setLevel(level)
     order = ["validation", "test", "single", "train"]
     split = next((ds.splits[s] for s in order if s in ds.splits), next(iter(ds.splits.values())))
     # Take an even stride through the split so every class is represented without decoding the whole folder.

@@ -474,3 +474,21 @@ def test_damaged_cache_file_is_rebuilt(tmp_path: Path, private_cache: Path) -> N
     assert not again.from_cache and np.array_equal(again.images, first.images)
     assert load_split(src, 48).from_cache
     assert not list(private_cache.glob("*.tmp*"))  # no temporary files left behind
+
+
+def test_a_split_with_no_readable_image_is_an_error(tmp_path: Path, private_cache: Path) -> None:
+    root = tmp_path / "data"
+    for c in ("happy", "sad"):
+        (root / c).mkdir(parents=True)
+        (root / c / "x.jpg").write_text("not a picture")
+    src = find_dataset(root, ["happy", "sad"]).splits["single"]
+    with pytest.raises(DatasetError, match=r"none of its 2 image\(s\) could be read \(first: .*x.jpg"):
+        load_split(src, 48)
+    # nor is an empty result trusted from a cache written before this check existed
+    from ferkit.data.cache import _key
+
+    private_cache.mkdir(parents=True, exist_ok=True)
+    np.savez(private_cache / f"{_key(src, 48)}.npz", images=np.zeros((0, 48, 48), np.uint8),
+             labels=np.zeros(0, np.int64), skipped=np.array('["x"]'))
+    with pytest.raises(DatasetError, match="could be read"):
+        load_split(src, 48)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -170,12 +171,42 @@ def test_accurate_recipe_runs(micro: Path, tmp_path: Path) -> None:
     assert load_ckpt(out / "last.ckpt")["step"] == 2
 
 
+def test_train_on_a_csv_file(tiny_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "csv"
+    assert train("--data", tiny_csv, "--epochs", 1, "--batch-size", 6, "--out", out) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["val_split"] == "validation" and m["final"]["n"] == 9  # PublicTest rows
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(out), "--json"]) == 0  # data from the model file; test = PrivateTest
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["split"] == "test" and ev["n"] == 6
+
+
+def test_train_on_a_single_folder_holds_out_a_tenth(micro: Path, tmp_path: Path) -> None:
+    out = tmp_path / "single"
+    assert train("--data", micro / "train", "--epochs", 1, "--batch-size", 8, "--out", out) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["val_split"] == "train[10% held out]" and m["final"]["n"] == 3
+    assert read_meta(out).training["train_images"] == 27
+
+
 def _hub_reachable() -> bool:
     try:
         with socket.create_connection(("huggingface.co", 443), timeout=3):
             return True
     except OSError:
         return False
+
+
+@pytest.fixture(scope="module")
+def all_bad_validation(micro: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The micro training set with a validation split of three broken files."""
+    root = tmp_path_factory.mktemp("allbad")
+    shutil.copytree(micro / "train", root / "train")
+    for c in H3:
+        (root / "validation" / c).mkdir(parents=True)
+        (root / "validation" / c / "a.jpg").write_text("junk")
+    return root
 
 
 BAD_INPUTS: list[tuple[str, list[str], str]] = [
@@ -195,10 +226,12 @@ BAD_INPUTS: list[tuple[str, list[str], str]] = [
     ("--set without =", ["train", "--data", "{tiny}", "--set", "epochs", "--out", "{tmp}/x"], "expected KEY=VALUE"),
     ("unknown model", ["train", "--data", "{tiny}", "--model", "fastcn", "--out", "{tmp}/x"],
      "unknown model 'fastcn'.*did you mean 'fastcnn'"),
+    ("no readable image", ["train", "--data", "{allbad}", "--out", "{tmp}/x"], "none of its 3 image.*could be read"),
     ("missing config file", ["train", "--data", "{tiny}", "--config", "{tmp}/nope.yaml"], "no such config file"),
     ("nothing to resume", ["train", "--resume", "--out", "{tmp}/fresh"], "nothing to resume"),
     ("unknown teacher", ["distill", "--teacher", "{tmp}/nope", "--data", "{tiny}", "--out", "{tmp}/x"],
      "no such model file"),
+    ("cuda without a GPU", ["train", "--data", "{tiny}", "--device", "cuda", "--out", "{tmp}/x"], "no CUDA device"),
     ("evaluate a missing model", ["evaluate", "--model", "{tmp}/nope.safetensors"], "no such model file"),
     ("evaluate on a missing folder", ["evaluate", "--model", "{run1}", "--data", "{tmp}/nowhere"],
      "no such file or folder"),
@@ -208,10 +241,13 @@ BAD_INPUTS: list[tuple[str, list[str], str]] = [
 
 @pytest.mark.parametrize(("argv", "message"), [pytest.param(a, m, id=i) for i, a, m in BAD_INPUTS])
 def test_bad_input_is_one_line_and_exit_2(argv: list[str], message: str, tiny_dataset: Path, run1: Path,
-                                         tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                         all_bad_validation: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                          one_line_error: Callable[[str], str]) -> None:
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("a CUDA device is available")
     (tmp_path / "empty").mkdir()
-    subs = {"tmp": str(tmp_path), "empty": str(tmp_path / "empty"), "tiny": str(tiny_dataset), "run1": str(run1)}
+    subs = {"tmp": str(tmp_path), "empty": str(tmp_path / "empty"), "tiny": str(tiny_dataset), "run1": str(run1),
+            "allbad": str(all_bad_validation)}
     rc = main([a.format(**subs) for a in argv])
     out, err = capsys.readouterr()
     assert rc == 2, (out, err)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ferkit.data.sources import SplitSource
-from ferkit.errors import ImageError
+from ferkit.errors import DatasetError, ImageError
 from ferkit.images import load_image, resize_face
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ def load_split(src: SplitSource, size: int = 48, *, strict: bool = False, use_ca
 
     Raises:
         ImageError: with ``strict``, the first unreadable image.
+        DatasetError: not one image of the split could be read.
     """
     t0 = time.perf_counter()
     if src.pixels is not None and size == src.pixels.shape[1] and not use_cache:
@@ -84,7 +85,7 @@ def load_split(src: SplitSource, size: int = 48, *, strict: bool = False, use_ca
         try:
             with np.load(path, allow_pickle=False) as z:
                 skipped = json.loads(str(z["skipped"]))
-                if not (strict and skipped):
+                if not (strict and skipped) and (len(z["labels"]) or not src.files):
                     return LoadedSplit(src.name, src.classes, z["images"], z["labels"], skipped, True,
                                        time.perf_counter() - t0)
         except Exception as e:  # a damaged cache file is rebuilt, never trusted
@@ -106,6 +107,8 @@ def load_split(src: SplitSource, size: int = 48, *, strict: bool = False, use_ca
                 else:
                     out[i] = r
         imgs, labels = out[keep], src.labels[keep]
+        if len(src.files) and not len(labels):
+            raise DatasetError(f"{src.root}: none of its {len(src.files)} image(s) could be read (first: {skipped[0]})")
         if skipped:
             log.warning("%s: skipped %d unreadable image(s), first: %s", src.root, len(skipped), skipped[0])
     if use_cache:

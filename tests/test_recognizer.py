@@ -202,10 +202,19 @@ def test_predict_batch_classifies_all_faces_in_one_call(rec: Recognizer, monkeyp
         assert a[0].scores == pytest.approx(b[0].scores, abs=1e-5)
 
 
-def test_crop_box_is_square_and_centred() -> None:
-    x0, y0, x1, y1 = crop_box((100, 50, 80, 120), 0.1)
-    assert x1 - x0 == y1 - y0 == round(120 * (1 + 2 * 0.1))
-    assert (x0 + x1) / 2 == pytest.approx(140, abs=1) and (y0 + y1) / 2 == pytest.approx(110, abs=1)
+@pytest.mark.parametrize("box,size", [
+    ((100, 50, 80, 120), (640, 480)),  # room all round: centred
+    ((0, 0, 80, 120), (640, 480)),  # at the corner: shifted inside
+    ((600, 400, 40, 80), (640, 480)),  # at the far corner
+    ((3, 0, 200, 199), (208, 199)),  # a tight face crop: the square shrinks to the image
+])
+def test_crop_box_is_square_and_inside(box: tuple, size: tuple) -> None:
+    w, h = size
+    x0, y0, x1, y1 = crop_box(box, w, h, 0.1)
+    assert x1 - x0 == y1 - y0 == min(round(max(box[2:]) * 1.2), w, h)
+    assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+    if box == (100, 50, 80, 120):
+        assert (x0 + x1) / 2 == pytest.approx(140, abs=1) and (y0 + y1) / 2 == pytest.approx(110, abs=1)
     assert 0 <= CROP_MARGIN <= 0.3
 
 
@@ -242,6 +251,30 @@ def test_exported_onnx_file_loads(model_file: Path, rec: Recognizer, scene: tupl
     assert a[0].scores == pytest.approx(b[0].scores, abs=1e-4)
     with pytest.raises(ValueError, match="onnx"):
         Recognizer(out, backend="torch")
+
+
+def test_converted_onnx_is_cached_by_content(model_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             scene: tuple) -> None:
+    pytest.importorskip("onnxruntime")
+    from ferkit.infer import runtime
+
+    monkeypatch.setenv("FERKIT_CACHE_DIR", str(tmp_path))
+    first = Recognizer(model_file, backend="onnx")
+    cached = list((tmp_path / "onnx").glob("*.onnx"))
+    assert len(cached) == 1
+    monkeypatch.setattr(runtime, "to_onnx_bytes", lambda *a, **k: pytest.fail("converted again despite the cache"))
+    again = Recognizer(model_file, backend="onnx")
+    assert again.predict(scene[0])[0].scores == pytest.approx(first.predict(scene[0])[0].scores, abs=1e-6)
+    monkeypatch.undo()
+    monkeypatch.setenv("FERKIT_CACHE_DIR", str(tmp_path))
+    cached[0].write_bytes(b"damaged")  # a damaged cache entry is replaced, not fatal
+    assert Recognizer(model_file, backend="onnx").backend == "onnx"
+    assert cached[0].stat().st_size > 1000
+
+
+def test_torch_backend_fuses_conv_bn(rec: Recognizer) -> None:
+    assert rec.runtime.fused
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in rec.runtime.net.modules())
 
 
 def test_missing_onnxruntime_names_the_extra(model_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,7 +3,8 @@
 ``TorchRuntime`` runs the ferkit model file in PyTorch (conv+BN fused, channels-last, inference mode);
 ``OnnxRuntime`` runs an ONNX graph in onnxruntime. On a CPU onnxruntime is the faster of the two for ferkit's small
 CNNs at every batch size (see ``benchmarks/infer_speed.json``), so ``make_runtime(backend="auto")`` picks it whenever
-onnxruntime is installed, converting a ``.safetensors`` model to ONNX in memory on load.
+onnxruntime is installed, converting a ``.safetensors`` model to ONNX in memory on first load and keeping the result
+in ``$FERKIT_CACHE_DIR/onnx`` (default ``~/.cache/ferkit/onnx``), keyed by the model file's content.
 
     >>> rt = make_runtime("fer3")
     >>> p = rt.probs(x)          # x: float32 N×1×S×S, (pixels/255 - meta.mean) / meta.std
@@ -11,10 +12,12 @@ onnxruntime is installed, converting a ``.safetensors`` model to ONNX in memory 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
 import os
+import struct
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -35,6 +38,8 @@ ONNX_INSTALL = "pip install 'ferkit[onnx]'"
 #: ONNX input/output names, the same as ``ferkit.export`` writes.
 INPUT_NAME = "input"
 OUTPUT_NAME = "probs"
+#: Bump when the conversion changes, so that stale cached ONNX files are not reused.
+ONNX_CACHE_VERSION = 1
 
 
 class Runtime(Protocol):
@@ -220,7 +225,7 @@ def make_runtime(model: str | os.PathLike, backend: str = "auto", *, device: str
     Args:
         model: a bundled model's name, a run directory, a ``.safetensors`` model file or a ``.onnx`` file.
         backend: ``"onnx"``, ``"torch"`` or ``"auto"``: onnxruntime when it is installed and ``device`` is the CPU
-            (a ``.safetensors`` model is converted to ONNX in memory), else PyTorch.
+            (a ``.safetensors`` model is converted to ONNX in memory, and the conversion cached), else PyTorch.
         device: ``"cpu"`` or a CUDA device (PyTorch backend only).
 
     Raises:
@@ -250,7 +255,44 @@ def make_runtime(model: str | os.PathLike, backend: str = "auto", *, device: str
     return _converted_onnx(path)
 
 
+def onnx_cache_dir() -> Path:
+    """Where converted models are kept: ``$FERKIT_CACHE_DIR/onnx`` or ``~/.cache/ferkit/onnx``."""
+    return Path(os.environ.get("FERKIT_CACHE_DIR") or Path.home() / ".cache" / "ferkit") / "onnx"
+
+
+def _meta_without_torch(path: Path) -> ModelMeta:
+    """The model file's metadata read straight from its safetensors header (8-byte length, then JSON), so that a
+    cached conversion starts without importing torch; anything unexpected defers to ``read_meta`` and its errors."""
+    from ferkit.modelfile import META_KEY, ModelMeta, read_meta
+
+    try:
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > 64 << 20:
+                raise ValueError("header too large")
+            md = json.loads(fh.read(n)).get("__metadata__") or {}
+        return ModelMeta.from_dict(json.loads(md[META_KEY]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error):
+        return read_meta(path)
+
+
 def _converted_onnx(path: Path) -> Runtime:
+    """A ``.safetensors`` model in onnxruntime: converted in memory on first use, then reused from a cache keyed by
+    the file's content (the conversion needs torch, which takes longer to import than the rest of ``ferkit predict``
+    takes to run)."""
+    meta = _meta_without_torch(path)
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:32]
+    except OSError as e:
+        raise ModelFileError(f"{path}: cannot read the model file ({e.strerror or e})") from None
+    cached = onnx_cache_dir() / f"{path.stem[:40]}-{digest}-v{ONNX_CACHE_VERSION}.onnx"
+    if cached.is_file():
+        try:
+            return OnnxRuntime(cached, meta)
+        except ModelFileError:
+            log.info("%s: damaged cached conversion, converting again", cached)
+            cached.unlink(missing_ok=True)
+
     from ferkit.modelfile import load_model
 
     net, meta = load_model(path)
@@ -259,4 +301,11 @@ def _converted_onnx(path: Path) -> Runtime:
     except Exception as e:  # noqa: BLE001  (an architecture the exporter cannot trace still runs in torch)
         log.warning("%s: ONNX conversion failed (%s: %s); using the torch backend", path, type(e).__name__, e)
         return TorchRuntime(net, meta)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, cached)
+    except OSError as e:  # a read-only home or full disk only costs the conversion next time
+        log.debug("not caching the ONNX conversion in %s: %s", cached.parent, e)
     return OnnxRuntime(data, meta)

@@ -255,6 +255,15 @@ def test_bad_input_is_one_line_and_exit_2(argv: list[str], message: str, tiny_da
     assert not (tmp_path / "x" / "model.safetensors").exists()
 
 
+def test_resume_cannot_stretch_the_schedule(run1: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                            one_line_error: Callable[[str], str]) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(run1, run)
+    assert train("--resume", "--out", run, "--epochs", 3) == 2
+    assert "planned for 5 steps (onecycle schedule), the settings now give 15" in one_line_error(capsys.readouterr().err)
+    assert load_ckpt(run / "last.ckpt")["epoch"] == 0
+
+
 def test_pretrained_offline_is_one_line(micro: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                        monkeypatch: pytest.MonkeyPatch, one_line_error: Callable[[str], str]) -> None:
     pytest.importorskip("timm")

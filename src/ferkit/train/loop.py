@@ -228,6 +228,11 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         extra = fabric.load(ckpt_path, state)
         start_epoch, best_acc, history, step = extra["epoch"] + 1, extra["best_acc"], extra["history"], extra["step"]
         stale = extra.get("stale", 0)
+        planned = getattr(sched, "total_steps", getattr(sched, "T_max", total))  # as restored from the checkpoint
+        if planned != total:  # a one-cycle/cosine schedule cannot be stretched; it would fail at its last step
+            raise ConfigError(f"--resume: {out} was planned for {planned} steps ({cfg.schedule} schedule), the "
+                              f"settings now give {total}; resume with the run's --epochs and --batch-size, or start "
+                              "a new run")
         fabric.print(f"resuming {out} from epoch {start_epoch + 1}/{cfg.epochs} (best so far {best_acc * 100:.2f}%)")
 
     t_train, images_seen = time.perf_counter(), 0

@@ -35,6 +35,7 @@ TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--max-steps", dict(type=int, help="stop after this many optimizer steps (smoke runs)")),
     ("--early-stop", dict(type=int, help="stop after this many epochs without validation improvement")),
     ("--tta", dict(choices=["none", "flip", "tencrop"], help="test-time augmentation for the final evaluation")),
+    ("--init", dict(help="fine-tune: start from this model's weights (name, run dir or file)")),
 ]
 
 

@@ -55,6 +55,7 @@ class TrainConfig:
     threads: int = 0  # CPU threads for torch; 0 = torch's default
     val_split: str = "validation"
     tta: str = "flip"  # test-time augmentation for the final evaluation
+    init: str = ""  # start from this ferkit model's weights (fine-tuning); the head is reset if classes differ
     teacher: str = ""  # distillation: comma-separated teacher models
     distill_alpha: float = 0.7  # weight of the soft-label loss
     distill_temp: float = 4.0

@@ -179,6 +179,8 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     val_labels = torch.from_numpy(np.asarray(va_y)).to(dev)
 
     model = create_model(cfg.model, num_classes=len(classes), in_chans=1, pretrained=cfg.pretrained)
+    if cfg.init and not resume:
+        _init_from(model, cfg, classes, fabric)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     params = [{"params": [p for n, p in model.named_parameters() if p.ndim > 1], "weight_decay": cfg.weight_decay},
@@ -303,6 +305,27 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
                      f"{result['total_seconds']:.0f}s; model in {out / 'model.safetensors'}")
     fabric.barrier()
     return result
+
+
+def _init_from(model: nn.Module, cfg: TrainConfig, classes: list[str], fabric) -> None:
+    """Fine-tuning: copy a trained model's weights; rows of the classifier are matched by class name."""
+    from ferkit.modelfile import load_model
+
+    src, meta = load_model(cfg.init)
+    if meta.arch != cfg.model:
+        raise ConfigError(f"--set init={cfg.init}: it is a '{meta.arch}' model, not '{cfg.model}' (use --model {meta.arch})")
+    state = src.state_dict()
+    if list(meta.classes) != classes:  # output layer: copy the rows of classes both models know, fresh init for the rest
+        own = model.state_dict()
+        last = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+        for k in (f"{last}.weight", f"{last}.bias"):
+            rows = own[k].clone()
+            for i, c in enumerate(classes):
+                if c in meta.classes:
+                    rows[i] = state[k][list(meta.classes).index(c)]
+            state[k] = rows
+    model.load_state_dict(state)
+    fabric.print(f"initialised from {cfg.init} ({meta.arch}, classes {', '.join(meta.classes)})")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -150,6 +150,10 @@ class OnnxRuntime:
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads or cpu_threads()
         so.inter_op_num_threads = 1
+        # Idle worker threads spinning after each run steal the CPU from the face detector's own OpenMP threads that
+        # run next: with spinning on, detect + classify of one photo took 1.7× as long on 2 cores; throughput on
+        # large batches is the same either way.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.log_severity_level = 3  # onnxruntime's own warnings go to stderr unconditionally otherwise
         src = model if isinstance(model, bytes) else str(model)
         try:

@@ -104,6 +104,7 @@ class Detector:
 
     Args:
         max_side: Longest side of the image the network sees; larger inputs are downscaled (time grows with pixels).
+            ``None`` takes the detector's ``default_max_side``.
         min_side: Images whose longest side is smaller are upscaled to this (48×48 crops are below the detectors'
             comfortable face size).
         pad: Grey border added on every side before detecting, as a fraction of the longest side; ``None`` takes the
@@ -117,18 +118,22 @@ class Detector:
 
     name: ClassVar[str] = ""
     default_pad: ClassVar[float] = 0.0
+    default_max_side: ClassVar[int] = 640
+    #: True when ``_detect_raw`` may run in several threads at once on one instance (no shared mutable state).
+    thread_safe: ClassVar[bool] = False
     #: The constant grey of the padding border: a neutral value that is neither skin nor a strong edge.
     pad_value: ClassVar[int] = 127
 
     def __init__(
         self,
         *,
-        max_side: int = 640,
+        max_side: int | None = None,
         min_side: int = 160,
         pad: float | None = None,
         crop_fallback: bool = True,
         overlap: float = 0.5,
     ) -> None:
+        max_side = self.default_max_side if max_side is None else max_side
         if max_side < 32 or min_side < 1 or min_side > max_side:
             raise ValueError(f"need 32 <= max_side and 1 <= min_side <= max_side, got {max_side=}, {min_side=}")
         pad = self.default_pad if pad is None else pad
@@ -179,8 +184,11 @@ class Detector:
             )
         sy = work.shape[0] - 2 * border_px
         sx = work.shape[1] - 2 * border_px
-        with self._lock:
+        if self.thread_safe:
             raw = self._detect_raw(np.ascontiguousarray(work))
+        else:
+            with self._lock:
+                raw = self._detect_raw(np.ascontiguousarray(work))
         faces = []
         for x, y, w, h, score in raw:
             # Back to the unpadded working image, then to input pixels (per-axis: rounding may differ by axis).
@@ -304,6 +312,12 @@ class YuNetDetector(Detector):
             than 1; at ≤640 px one thread is already fast, and servers get parallelism from concurrent requests.
         **kwargs: See ``Detector``.
     """
+
+    # 400 px: wild-dev recall unchanged from 640 (99.6% before the crop fallback), 2.6x less CPU on a 640×480 photo
+    # (16 vs 41 ms here, busy machine); multi-face recall on composed scenes 98.6% at 640 vs 97.8% at 320.
+    default_max_side: ClassVar[int] = 400
+    # c_detect releases the GIL and keeps no state between calls: concurrent server requests detect in parallel.
+    thread_safe: ClassVar[bool] = True
 
     def __init__(self, *, threshold: float = 0.5, threads: int = 1, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]

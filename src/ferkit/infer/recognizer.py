@@ -48,7 +48,7 @@ MAX_CLASSIFY_BATCH = 512
 _COLOURS: dict[str, tuple[int, int, int]] = {  # RGB
     "happy": (46, 204, 64),
     "sad": (0, 116, 217),
-    "neutral": (170, 170, 170),
+    "neutral": (190, 190, 190),
     "angry": (255, 65, 54),
     "disgust": (61, 153, 112),
     "fear": (177, 13, 201),
@@ -145,6 +145,8 @@ def draw_faces(image: np.ndarray, faces: Sequence[Face]) -> np.ndarray:
         x, y, w, h = f.box
         colour = _colour(f.label)
         line = max(1, round(max(w, h) / 100))
+        # a dark rim under the coloured line keeps light colours (neutral's grey) visible on light backgrounds
+        cv2.rectangle(out, (x, y), (x + w - 1, y + h - 1), (0, 0, 0), line + 2, cv2.LINE_AA)
         cv2.rectangle(out, (x, y), (x + w - 1, y + h - 1), colour, line, cv2.LINE_AA)
         text = f"{f.label} {f.score:.2f}"
         (tw1, _), _ = cv2.getTextSize(text, font, 1.0, 1)

@@ -20,6 +20,7 @@ from PIL import Image
 # this once). On a machine with more runnable processes than cores, two threads waiting for each other at every
 # operator made these tests 4× slower than one thread (EfficientNet-B0 steps: 25×). Child processes inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep instead of spinning
 
 #: ``../shared/data`` beside the repository: ``fer2013/{train,validation}/<class>/*.jpg`` (48×48 FER2013).
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

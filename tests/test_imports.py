@@ -34,3 +34,15 @@ def test_lazy_attribute_and_dir() -> None:
     assert "Recognizer" in dir(ferkit)
     with pytest.raises(AttributeError):
         ferkit.does_not_exist  # noqa: B018
+
+
+def test_reading_model_metadata_does_not_import_torch(tmp_path) -> None:
+    import torch  # noqa: F401  (only to write the file in this process)
+
+    from ferkit.modelfile import ModelMeta, save_model
+    from ferkit.models import create_model
+
+    path = save_model(tmp_path / "m.safetensors", create_model("fastcnn", num_classes=3),
+                      ModelMeta(arch="fastcnn", classes=("happy", "sad", "neutral")))
+    mods = _loaded_after(f"from ferkit.modelfile import read_meta\nassert read_meta({str(path)!r}).arch == 'fastcnn'")
+    assert "torch" not in mods

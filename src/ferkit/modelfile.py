@@ -6,12 +6,12 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
-import torch.nn as nn
+from typing import TYPE_CHECKING, Any
 
 from ferkit.errors import ModelFileError
+
+if TYPE_CHECKING:  # torch is imported where weights are read or written, so reading metadata stays light
+    import torch.nn as nn
 
 FORMAT = "ferkit-model/1"
 META_KEY = "ferkit"
@@ -46,6 +46,7 @@ class ModelMeta:
 
 def save_model(path: str | os.PathLike, net: nn.Module, meta: ModelMeta, *, json_sidecar: bool = True) -> Path:
     """Write ``net``'s weights and ``meta`` as one safetensors file (atomically); optionally a readable .json beside."""
+    import torch
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -88,14 +89,20 @@ def resolve_model_path(spec: str | os.PathLike) -> Path:
 
 
 def read_meta(path: str | os.PathLike) -> ModelMeta:
-    """Read only the metadata of a model file."""
-    from safetensors import safe_open
+    """Read only the metadata of a model file (parses the safetensors header; imports no torch).
 
+    Raises:
+        ModelFileError: not a safetensors file, or one without ferkit metadata.
+    """
     p = resolve_model_path(path)
     try:
-        with safe_open(str(p), framework="pt") as f:
-            md = f.metadata() or {}
-    except Exception:
+        with open(p, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if not 2 <= n <= 100_000_000:
+                raise ValueError("bad header length")
+            header = json.loads(fh.read(n))
+        md = header.get("__metadata__") or {}
+    except (OSError, ValueError, AttributeError):
         raise ModelFileError(f"{path}: not a ferkit model file (cannot read it as safetensors)") from None
     if META_KEY not in md:
         raise ModelFileError(f"{path}: safetensors file without ferkit metadata (not a ferkit model file)")

@@ -22,7 +22,6 @@ import io
 import json
 import logging
 import os
-import struct
 import sys
 import warnings
 from pathlib import Path
@@ -281,27 +280,13 @@ def onnx_cache_dir() -> Path:
     return Path(os.environ.get("FERKIT_CACHE_DIR") or Path.home() / ".cache" / "ferkit") / "onnx"
 
 
-def _meta_without_torch(path: Path) -> ModelMeta:
-    """The model file's metadata read straight from its safetensors header (8-byte length, then JSON), so that a
-    cached conversion starts without importing torch; anything unexpected defers to ``read_meta`` and its errors."""
-    from ferkit.modelfile import META_KEY, ModelMeta, read_meta
-
-    try:
-        with open(path, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            if n > 64 << 20:
-                raise ValueError("header too large")
-            md = json.loads(fh.read(n)).get("__metadata__") or {}
-        return ModelMeta.from_dict(json.loads(md[META_KEY]))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error):
-        return read_meta(path)
-
-
 def _converted_onnx(path: Path) -> Runtime:
     """A ``.safetensors`` model in onnxruntime: converted in memory on first use, then reused from a cache keyed by
     the file's content (the conversion needs torch, which takes longer to import than the rest of ``ferkit predict``
     takes to run)."""
-    meta = _meta_without_torch(path)
+    from ferkit.modelfile import read_meta
+
+    meta = read_meta(path)
     try:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:32]
     except OSError as e:

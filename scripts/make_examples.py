@@ -26,7 +26,7 @@ def main(out: str) -> None:
     two.paste(im.resize((512, 512)), (0, 0))
     two.paste(ImageOps.mirror(im).resize((512, 512)), (512, 0))
     two.save(o / "two_faces.jpg", quality=90)
-    im.crop((300, 300, 512, 512)).save(o / "no_face.jpg", quality=90)
+    im.crop((0, 380, 512, 512)).save(o / "no_face.jpg", quality=90)  # the suit and flag: no face
     print(f"examples written to {o}/")
 
 

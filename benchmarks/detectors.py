@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(r)
         print(f"done {v.label}", file=sys.stderr, flush=True)
 
-    head = f"{'detector':32} {'recall':>7} {'one':>6} {'fallbk':>6} {'multi':>6} {'extra':>5} {'ms p50':>7} {'ms p90':>7} {'cpu ms':>7}"
+    head = f"{'detector':32} {'recall':>7} {'one':>6} {'fallbk':>6} {'multi':>6} {'extra':>5} {'ms p50':>7} {'ms p90':>7} {'cpu ms':>7}"  # noqa: E501
     print(
         f"{len(photos)} photos, {len(scenes)} scenes ({sum(len(s[1]) for s in scenes)} faces), latency on 640×480, "
         "1 thread"

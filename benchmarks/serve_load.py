@@ -111,10 +111,20 @@ def memory_mb(pid: int, field: str) -> float | None:
         return None
 
 
-def start_server(model: str, port: int, backend: str, max_concurrency: int | None, log_path: Path,
-                 threads: int | None, workers: int) -> subprocess.Popen:
-    opts = {"host": "127.0.0.1", "port": port, "model": model, "backend": backend, "max_upload_mb": 10,
-            "workers": workers, "max_concurrency": max_concurrency, "access_log": False, "log_level": "warning"}
+def start_server(
+    model: str, port: int, backend: str, max_concurrency: int | None, log_path: Path, threads: int | None, workers: int
+) -> subprocess.Popen:
+    opts = {
+        "host": "127.0.0.1",
+        "port": port,
+        "model": model,
+        "backend": backend,
+        "max_upload_mb": 10,
+        "workers": workers,
+        "max_concurrency": max_concurrency,
+        "access_log": False,
+        "log_level": "warning",
+    }
     code = "from ferkit.serve.app import serve; serve(" + ", ".join(f"{k}={v!r}" for k, v in opts.items()) + ")"
     env = dict(os.environ)
     if threads:
@@ -138,8 +148,9 @@ def wait_healthy(base: str, proc: subprocess.Popen, log_path: Path, timeout: flo
     raise SystemExit(f"server not healthy after {timeout:.0f} s:\n{log_path.read_text()[-3000:]}")
 
 
-async def run_clients(base: str, photo: bytes, clients: int, duration: float, max_requests: int,
-                      detect: bool = True) -> dict:
+async def run_clients(
+    base: str, photo: bytes, clients: int, duration: float, max_requests: int, detect: bool = True
+) -> dict:
     latencies: list[float] = []
     errors: dict[str, int] = {}
     issued = 0
@@ -168,26 +179,47 @@ async def run_clients(base: str, photo: bytes, clients: int, duration: float, ma
     wall = time.perf_counter() - t_start
     lat = np.array(latencies) * 1000
     pct = (lambda q: float(np.percentile(lat, q))) if len(lat) else (lambda q: float("nan"))
-    return {"requests": issued, "ok": len(latencies), "errors": errors, "n_errors": sum(errors.values()),
-            "seconds": wall, "requests_per_s": len(latencies) / wall if wall else 0.0,
-            "latency_ms": {"mean": float(lat.mean()) if len(lat) else float("nan"), "p50": pct(50), "p95": pct(95),
-                           "p99": pct(99), "max": float(lat.max()) if len(lat) else float("nan")}}
+    return {
+        "requests": issued,
+        "ok": len(latencies),
+        "errors": errors,
+        "n_errors": sum(errors.values()),
+        "seconds": wall,
+        "requests_per_s": len(latencies) / wall if wall else 0.0,
+        "latency_ms": {
+            "mean": float(lat.mean()) if len(lat) else float("nan"),
+            "p50": pct(50),
+            "p95": pct(95),
+            "p99": pct(99),
+            "max": float(lat.max()) if len(lat) else float("nan"),
+        },
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="fer3", help="bundled name or model file (default fer3; a random test model "
-                                                      "when fer3 is not bundled yet)")
+    ap.add_argument(
+        "--model",
+        default="fer3",
+        help="bundled name or model file (default fer3; a random test model when fer3 is not bundled yet)",
+    )
     ap.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"])
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--duration", type=float, default=30.0, help="seconds of load")
     ap.add_argument("--max-requests", type=int, default=20_000, help="stop after this many requests")
     ap.add_argument("--workers", type=int, default=1, help="server processes")
-    ap.add_argument("--max-concurrency", type=int, default=None,
-                    help="inference slots per server process (default: the server's own)")
+    ap.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=None,
+        help="inference slots per server process (default: the server's own)",
+    )
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for the server (0: leave unset)")
-    ap.add_argument("--no-detect", action="store_true",
-                    help="classify the whole photo (?detect=false): the server's cost without the face detector")
+    ap.add_argument(
+        "--no-detect",
+        action="store_true",
+        help="classify the whole photo (?detect=false): the server's cost without the face detector",
+    )
     ap.add_argument("--photo", type=Path, default=None, help="portrait to compose the 640×480 photo from")
     ap.add_argument("--out", type=Path, default=HERE / "serve_load.json")
     args = ap.parse_args(argv)
@@ -203,8 +235,13 @@ def main(argv: list[str] | None = None) -> int:
         from ferkit.models import create_model
 
         torch.manual_seed(0)
-        model = str(save_model(Path(tmp.name) / "fastcnn3.safetensors", create_model("fastcnn", num_classes=3),
-                               ModelMeta(arch="fastcnn", classes=("happy", "sad", "neutral"))))
+        model = str(
+            save_model(
+                Path(tmp.name) / "fastcnn3.safetensors",
+                create_model("fastcnn", num_classes=3),
+                ModelMeta(arch="fastcnn", classes=("happy", "sad", "neutral")),
+            )
+        )
         note = "fer3 not bundled yet: an untrained fastcnn (same architecture and cost) stands in"
         print(f"note: {note}")
 
@@ -216,8 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log_path = Path(tmp.name) / "server.log"
-    proc = start_server(model, port, args.backend, args.max_concurrency, log_path, args.threads or None,
-                            args.workers)
+    proc = start_server(model, port, args.backend, args.max_concurrency, log_path, args.threads or None, args.workers)
     try:
         wait_healthy(base, proc, log_path)
         info = httpx.get(base + "/v1/models").json()
@@ -228,8 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             httpx.post(base + "/v1/predict", files={"file": ("photo.jpg", photo, "image/jpeg")}, timeout=60)
         rss_before = memory_mb(proc.pid, "VmRSS")
         cpu0, client0 = cpu_seconds(proc.pid), time.process_time()
-        res = asyncio.run(run_clients(base, photo, args.clients, args.duration, args.max_requests,
-                                      not args.no_detect))
+        res = asyncio.run(run_clients(base, photo, args.clients, args.duration, args.max_requests, not args.no_detect))
         server_cpu, client_cpu = cpu_seconds(proc.pid) - cpu0, time.process_time() - client0
         rss_after = memory_mb(proc.pid, "VmRSS")
         peak = memory_mb(proc.pid, "VmHWM")
@@ -244,15 +279,30 @@ def main(argv: list[str] | None = None) -> int:
     lat = res["latency_ms"]
     passed = res["requests_per_s"] >= TARGET_RPS and lat["p95"] <= TARGET_P95_MS and res["n_errors"] == 0
     report = {
-        "config": {"model": args.model, "model_used": Path(model).name if note else model, "note": note,
-                   "backend": info["loaded"]["backend"], "clients": args.clients, "workers": args.workers, "detect": not args.no_detect, "duration_s": args.duration,
-                   "max_requests": args.max_requests, "server_limits": info["limits"], "omp_threads": args.threads,
-                   "photo": f"640x480 JPEG ({len(photo)} bytes) composed from {src.name}", "faces_per_photo": faces},
+        "config": {
+            "model": args.model,
+            "model_used": Path(model).name if note else model,
+            "note": note,
+            "backend": info["loaded"]["backend"],
+            "clients": args.clients,
+            "workers": args.workers,
+            "detect": not args.no_detect,
+            "duration_s": args.duration,
+            "max_requests": args.max_requests,
+            "server_limits": info["limits"],
+            "omp_threads": args.threads,
+            "photo": f"640x480 JPEG ({len(photo)} bytes) composed from {src.name}",
+            "faces_per_photo": faces,
+        },
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "results": {**res, "server_cpu_ms_per_request": 1000 * server_cpu / max(1, res["requests"]),
-                    "client_cpu_ms_per_request": 1000 * client_cpu / max(1, res["requests"]),
-                    "load_average_1min": os.getloadavg()[0], "server_rss_mb": {"before": rss_before, "after": rss_after, "peak": peak},
-                    "healthy_after": healthy},
+        "results": {
+            **res,
+            "server_cpu_ms_per_request": 1000 * server_cpu / max(1, res["requests"]),
+            "client_cpu_ms_per_request": 1000 * client_cpu / max(1, res["requests"]),
+            "load_average_1min": os.getloadavg()[0],
+            "server_rss_mb": {"before": rss_before, "after": rss_after, "peak": peak},
+            "healthy_after": healthy,
+        },
         "targets": {"requests_per_s": TARGET_RPS, "p95_ms": TARGET_P95_MS, "passed": passed},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -270,8 +320,13 @@ def main(argv: list[str] | None = None) -> int:
         ("latency p50", f"{lat['p50']:.1f} ms"),
         ("latency p95", f"{lat['p95']:.1f} ms   (target ≤ {TARGET_P95_MS:.0f})"),
         ("latency p99", f"{lat['p99']:.1f} ms"),
-        ("server CPU per request", (f"{report['results']['server_cpu_ms_per_request']:.1f} ms "
-                                   f"(client {report['results']['client_cpu_ms_per_request']:.1f} ms)")),
+        (
+            "server CPU per request",
+            (
+                f"{report['results']['server_cpu_ms_per_request']:.1f} ms "
+                f"(client {report['results']['client_cpu_ms_per_request']:.1f} ms)"
+            ),
+        ),
         ("load average (1 min)", f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"),
         ("server RSS before/after/peak", f"{mb(rss_before)} / {mb(rss_after)} / {mb(peak)}"),
         ("healthy afterwards", str(healthy)),

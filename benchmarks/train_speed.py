@@ -74,9 +74,15 @@ def bench_model(name: str, *, device: str, batch_size: int, steps: int, warmup: 
 
     run(warmup, 0)
     seconds = run(steps, warmup)
-    return {"model": name, "params_m": round(n_params / 1e6, 2), "batch_size": batch_size, "steps": steps,
-            "seconds": round(seconds, 3), "images_per_second": round(steps * batch_size / seconds, 1),
-            "ms_per_step": round(1000 * seconds / steps, 1)}
+    return {
+        "model": name,
+        "params_m": round(n_params / 1e6, 2),
+        "batch_size": batch_size,
+        "steps": steps,
+        "seconds": round(seconds, 3),
+        "images_per_second": round(steps * batch_size / seconds, 1),
+        "ms_per_step": round(1000 * seconds / steps, 1),
+    }
 
 
 def bench_data(root: Path) -> dict:
@@ -108,10 +114,17 @@ def bench_data(root: Path) -> dict:
             else:
                 os.environ["FERKIT_CACHE_DIR"] = old
     n = sum(len(s) for s in cold)
-    return {"data": str(root), "splits": {s.name: len(s) for s in cold}, "images": n,
-            "skipped": sum(len(s.skipped) for s in cold), "find_seconds": round(t_find, 2),
-            "cold_seconds": round(t_cold, 2), "cold_images_per_second": round(n / t_cold),
-            "cached_seconds": round(t_cached, 2), "cache_mb": round(cache_mb, 1)}
+    return {
+        "data": str(root),
+        "splits": {s.name: len(s) for s in cold},
+        "images": n,
+        "skipped": sum(len(s.skipped) for s in cold),
+        "find_seconds": round(t_find, 2),
+        "cold_seconds": round(t_cold, 2),
+        "cold_images_per_second": round(n / t_cold),
+        "cached_seconds": round(t_cached, 2),
+        "cache_mb": round(cache_mb, 1),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,8 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--models", default=",".join(list_models()), help="comma-separated (default: every built-in)")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=0, help="timed steps per model (default: 8, 3 for vgg/resnet18 on CPU;"
-                                                         " 50 on a GPU)")
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=0,
+        help="timed steps per model (default: 8, 3 for vgg/resnet18 on CPU; 50 on a GPU)",
+    )
     ap.add_argument("--warmup", type=int, default=0, help="untimed steps first (default 1 on CPU, 10 on a GPU)")
     ap.add_argument("--threads", default="0", help="torch CPU threads, comma-separated to compare (0: torch's default)")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -141,12 +158,16 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads)
         for name in [m.strip() for m in a.models.split(",") if m.strip()]:
             steps = a.steps or (50 if gpu else CPU_STEPS.get(name, 4))
-            r = bench_model(name, device=a.device, batch_size=a.batch_size, steps=steps,
-                            warmup=a.warmup or (10 if gpu else 1))
+            r = bench_model(
+                name, device=a.device, batch_size=a.batch_size, steps=steps, warmup=a.warmup or (10 if gpu else 1)
+            )
             r["threads"] = threads
             rows.append(r)
-            print(f"{r['model']:<14}{threads:>3} thr{r['images_per_second']:>10.1f} img/s{r['ms_per_step']:>10.1f} ms/step"
-                  f"  ({r['steps']} steps of {r['batch_size']})", flush=True)
+            print(
+                f"{r['model']:<14}{threads:>3} thr{r['images_per_second']:>10.1f} img/s{r['ms_per_step']:>10.1f} ms/step"  # noqa: E501
+                f"  ({r['steps']} steps of {r['batch_size']})",
+                flush=True,
+            )
     torch.set_num_threads(default_threads)
     data = None
     if not a.no_data:
@@ -160,29 +181,39 @@ def main(argv: list[str] | None = None) -> int:
     print(f"training throughput on {a.device}, batch {a.batch_size}, 48×48")
     print(f"{'model':<14}{'params':>10}{'threads':>9}{'images/s':>12}{'ms/step':>10}")
     for r in rows:
-        print(f"{r['model']:<14}{r['params_m']:>8.2f} M{r['threads']:>9}{r['images_per_second']:>12.1f}"
-              f"{r['ms_per_step']:>10.1f}")
+        print(
+            f"{r['model']:<14}{r['params_m']:>8.2f} M{r['threads']:>9}{r['images_per_second']:>12.1f}"
+            f"{r['ms_per_step']:>10.1f}"
+        )
     if data:
         print()
         print(f"dataset start-up: {data['data']} ({data['images']} images, 7 classes, train + validation)")
         print(f"  find + validate      {data['find_seconds']:>7.2f} s")
-        print(f"  cold (decode all)    {data['cold_seconds']:>7.2f} s   ({data['cold_images_per_second']} images/s, "
-              f"{data['cache_mb']} MB cache)")
+        print(
+            f"  cold (decode all)    {data['cold_seconds']:>7.2f} s   ({data['cold_images_per_second']} images/s, "
+            f"{data['cache_mb']} MB cache)"
+        )
         print(f"  cached start-up      {data['cached_seconds']:>7.2f} s")
     print(f"load average {load0[0]:.1f} before, {load1[0]:.1f} after, on {os.cpu_count()} CPUs")
 
     result = {
         "device": a.device if not gpu else torch.cuda.get_device_name(0),
-        "cpus": os.cpu_count(), "torch": torch.__version__,
-        "python": platform.python_version(), "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "load_average": {"before": round(load0[0], 2), "after": round(load1[0], 2)},
-        "note": "" if gpu else
-        ("measured on a shared CPU machine while other jobs ran (see load_average): the numbers are noisy and lower "
-         "than an idle machine gives; compare them only with runs taken under the same conditions. With more runnable "
-         "processes than cores, two torch threads can be several times slower than one (threads wait for each other "
-         "at every operator), hence the per-thread-count rows"),
-        "models": rows, "data": data,
+        "note": ""
+        if gpu
+        else (
+            "measured on a shared CPU machine while other jobs ran (see load_average): the numbers are noisy and lower "
+            "than an idle machine gives; compare them only with runs taken under the same conditions. With more runnable "  # noqa: E501
+            "processes than cores, two torch threads can be several times slower than one (threads wait for each other "
+            "at every operator), hence the per-thread-count rows"
+        ),
+        "models": rows,
+        "data": data,
     }
     if load1[0] > (os.cpu_count() or 1) and gpu:
         result["note"] = "the CPU was busy (see load_average); GPU step times include host-side work"

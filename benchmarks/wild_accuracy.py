@@ -29,7 +29,7 @@ def main() -> None:
     folders = sorted(d for d in Path(a.data).iterdir() if d.is_dir() and d.name in rec.classes)
     # A 7-class model is scored on the folders' classes only (argmax over those), as `ferkit evaluate` does.
     classes = [c for c in rec.classes if c in {d.name for d in folders}]
-    truth, pred, no_face, fallback = [], [], 0, 0
+    truth, pred, no_face = [], [], 0
     t0 = time.perf_counter()
     for d in folders:
         for f in sorted(p for p in d.iterdir() if is_image_path(p)):
@@ -44,10 +44,19 @@ def main() -> None:
     m = metrics_from_confusion(confusion(truth, pred, len(classes)), classes)
     # A photo where no face was found counts as wrong in the headline number.
     m["accuracy_all_photos"] = sum(int(t == p) for t, p in zip(truth, pred)) / max(n, 1)
-    m.update({"model": a.model, "detector": a.detector, "photos": n, "no_face": no_face,
-              "seconds": round(time.perf_counter() - t0, 1)})
-    print(f"{a.model} + {a.detector} on {n} wild-dev photos: {m['accuracy_all_photos'] * 100:.2f}% "
-          f"(faces found in {n - no_face}/{n})")
+    m.update(
+        {
+            "model": a.model,
+            "detector": a.detector,
+            "photos": n,
+            "no_face": no_face,
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+    )
+    print(
+        f"{a.model} + {a.detector} on {n} wild-dev photos: {m['accuracy_all_photos'] * 100:.2f}% "
+        f"(faces found in {n - no_face}/{n})"
+    )
     print(format_table(m))
     Path(a.out).write_text(json.dumps(m, indent=2) + "\n")
 

@@ -47,13 +47,26 @@ def main() -> None:
     out = save_model(WEIGHTS_DIR / f"{a.name}.safetensors", net, meta, json_sidecar=False)
     t = meta.training
     card = CARD.format(
-        name=a.name, arch=meta.arch, n=len(meta.classes), classes=", ".join(meta.classes),
-        params=sum(p.numel() for p in net.parameters()), size=meta.input_size, mean=meta.mean, std=meta.std,
-        train_images=t.get("train_images", 0), recipe=t.get("recipe"), epochs=t.get("epochs"),
-        best_epoch=t.get("best_epoch"), teacher=f", distilled from {t['teacher']}" if t.get("teacher") else "",
-        val_n=meta.metrics.get("n"), acc=meta.metrics["accuracy"] * 100,
-        acc_tta=metrics["final"]["accuracy"] * 100, f1=metrics["final"]["macro_f1"] * 100,
-        file=out.name, size_mb=out.stat().st_size / 1e6, command=a.command or "see benchmarks/README.md",
+        name=a.name,
+        arch=meta.arch,
+        n=len(meta.classes),
+        classes=", ".join(meta.classes),
+        params=sum(p.numel() for p in net.parameters()),
+        size=meta.input_size,
+        mean=meta.mean,
+        std=meta.std,
+        train_images=t.get("train_images", 0),
+        recipe=t.get("recipe"),
+        epochs=t.get("epochs"),
+        best_epoch=t.get("best_epoch"),
+        teacher=f", distilled from {t['teacher']}" if t.get("teacher") else "",
+        val_n=meta.metrics.get("n"),
+        acc=meta.metrics["accuracy"] * 100,
+        acc_tta=metrics["final"]["accuracy"] * 100,
+        f1=metrics["final"]["macro_f1"] * 100,
+        file=out.name,
+        size_mb=out.stat().st_size / 1e6,
+        command=a.command or "see benchmarks/README.md",
         note=(a.note + "\n") if a.note else "",
     )
     (WEIGHTS_DIR / f"{a.name}.md").write_text(card)

@@ -77,7 +77,9 @@ def tiny_dataset(make_tiny_dataset: Callable[..., Path]) -> Path:
     return make_tiny_dataset(30, 30)
 
 
-def write_fer_csv(path: Path, rows: list[tuple[int, np.ndarray | str, str]], header: str = "emotion,pixels,Usage") -> Path:
+def write_fer_csv(
+    path: Path, rows: list[tuple[int, np.ndarray | str, str]], header: str = "emotion,pixels,Usage"
+) -> Path:
     """Write a fer2013-style CSV; ``pixels`` may be a 48×48 array or a raw string (for malformed rows)."""
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)

@@ -46,8 +46,17 @@ def make_tree(root: Path, layout: dict[str, int], ext: str = ".jpg") -> Path:
 
 
 def test_root_with_train_and_validation(tmp_path: Path) -> None:
-    make_tree(tmp_path, {"train/happy": 3, "train/sad": 2, "train/neutral": 1,
-                         "validation/happy": 1, "validation/sad": 1, "validation/neutral": 2})
+    make_tree(
+        tmp_path,
+        {
+            "train/happy": 3,
+            "train/sad": 2,
+            "train/neutral": 1,
+            "validation/happy": 1,
+            "validation/sad": 1,
+            "validation/neutral": 2,
+        },
+    )
     ds = find_dataset(tmp_path, H3)
     assert set(ds.splits) == {"train", "validation"}
     assert ds.classes == H3
@@ -84,16 +93,35 @@ def test_single_split_folder(tmp_path: Path) -> None:
 
 
 def test_case_insensitive_and_synonym_folder_names(tmp_path: Path) -> None:
-    make_tree(tmp_path, {"train/Happiness": 2, "train/SADNESS": 1, "train/normal": 3,
-                         "validation/HAPPY": 1, "validation/Sad": 1, "validation/Neutral": 1})
+    make_tree(
+        tmp_path,
+        {
+            "train/Happiness": 2,
+            "train/SADNESS": 1,
+            "train/normal": 3,
+            "validation/HAPPY": 1,
+            "validation/Sad": 1,
+            "validation/Neutral": 1,
+        },
+    )
     ds = find_dataset(tmp_path, parse_classes(None))
     assert ds.splits["train"].counts() == {"happy": 2, "sad": 1, "neutral": 3}
     assert ds.splits["validation"].counts() == {"happy": 1, "sad": 1, "neutral": 1}
 
 
 def test_folders_of_other_classes_and_junk_are_skipped(tmp_path: Path) -> None:
-    make_tree(tmp_path, {"train/happy": 2, "train/sad": 1, "train/neutral": 1, "train/angry": 4, "train/__MACOSX": 1,
-                         "train/.git": 2, "train/happy/nested": 1})
+    make_tree(
+        tmp_path,
+        {
+            "train/happy": 2,
+            "train/sad": 1,
+            "train/neutral": 1,
+            "train/angry": 4,
+            "train/__MACOSX": 1,
+            "train/.git": 2,
+            "train/happy/nested": 1,
+        },
+    )
     (tmp_path / "train" / "happy" / "notes.txt").write_text("not an image")
     (tmp_path / "train" / "sad" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
     ds = find_dataset(tmp_path, H3)
@@ -124,11 +152,25 @@ def test_evaluation_keeps_only_the_classes_present(tmp_path: Path) -> None:
     ("layout", "classes", "message"),
     [
         ({}, H3, "empty folder"),
-        ({"train/happy": 1, "train/sad": 1, "train/neutral": 1, "validation/happy": 0, "validation/sad": 0,
-          "validation/neutral": 0}, H3, r"validation: no images of the classes happy, sad, neutral"),
+        (
+            {
+                "train/happy": 1,
+                "train/sad": 1,
+                "train/neutral": 1,
+                "validation/happy": 0,
+                "validation/sad": 0,
+                "validation/neutral": 0,
+            },
+            H3,
+            r"validation: no images of the classes happy, sad, neutral",
+        ),
         ({"train/happy": 1, "train/sad": 1, "train/neutral": 0}, H3, "no images for class.*neutral"),
         ({"train/happy": 1, "train/sad": 1}, ["happy", "sad", "cat"], "no images for class.*cat"),
-        ({"train/angry": 1, "train/fear": 1}, H3, r"no class folders for happy, sad, neutral \(folders found: angry, fear\)"),
+        (
+            {"train/angry": 1, "train/fear": 1},
+            H3,
+            r"no class folders for happy, sad, neutral \(folders found: angry, fear\)",
+        ),
         ({"cats": 1, "dogs": 1}, H3, "no class folders"),
     ],
 )
@@ -185,8 +227,7 @@ def test_csv_class_subset_and_order(tiny_csv: Path) -> None:
 
 
 def test_csv_with_byte_order_mark_and_spaces(tmp_path: Path) -> None:
-    text = "\ufeffemotion , pixels ,Usage\n" + "".join(
-        f"{e},{' '.join(['7'] * 2304)},Training\n" for e in (3, 4, 6))
+    text = "\ufeffemotion , pixels ,Usage\n" + "".join(f"{e},{' '.join(['7'] * 2304)},Training\n" for e in (3, 4, 6))
     p = tmp_path / "excel.csv"
     p.write_text(text, encoding="utf-8")
     ds = find_dataset(p, H3)
@@ -202,9 +243,11 @@ def test_csv_without_usage_is_all_training(tmp_path: Path, write_fer_csv: Callab
 
 @pytest.mark.parametrize(
     ("header", "message"),
-    [("emotion,Usage", r"missing column\(s\) pixels \(found: emotion, Usage\)"),
-     ("label,image,Usage", r"missing column\(s\) emotion, pixels"),
-     ("", "missing column")],
+    [
+        ("emotion,Usage", r"missing column\(s\) pixels \(found: emotion, Usage\)"),
+        ("label,image,Usage", r"missing column\(s\) emotion, pixels"),
+        ("", "missing column"),
+    ],
 )
 def test_csv_missing_columns(tmp_path: Path, header: str, message: str) -> None:
     p = tmp_path / "bad.csv"
@@ -262,8 +305,9 @@ def _formats(d: Path) -> dict[str, Path]:
     return {
         "png_rgb": _save(rgb, d / "rgb.png"),
         "palette": _save(rgb.convert("P", palette=Image.Palette.ADAPTIVE), d / "palette.png"),
-        "palette_transparent": _save(rgb.convert("P", palette=Image.Palette.ADAPTIVE), d / "ptrans.png",
-                                     transparency=0),
+        "palette_transparent": _save(
+            rgb.convert("P", palette=Image.Palette.ADAPTIVE), d / "ptrans.png", transparency=0
+        ),
         "rgba": _save(rgba, d / "rgba.png"),
         "la": _save(rgba.convert("LA"), d / "la.png"),
         "gray16": _save(Image.fromarray((base // 2).astype(np.uint16) * 257), d / "gray16.png"),  # a dark one
@@ -339,8 +383,10 @@ def _bad_images(d: Path) -> dict[str, Path]:
     return files
 
 
-@pytest.mark.parametrize(("kind", "message"), [("zero", "empty file"), ("text", "cannot identify image file"),
-                                               ("truncated", "corrupt or truncated")])
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [("zero", "empty file"), ("text", "cannot identify image file"), ("truncated", "corrupt or truncated")],
+)
 def test_bad_image_errors(tmp_path: Path, kind: str, message: str) -> None:
     f = _bad_images(tmp_path)[kind]
     with pytest.raises(ImageError, match=message) as info:
@@ -376,8 +422,9 @@ def _huge_png(path: Path, side: int) -> Path:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)  # 8-bit grayscale
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 4096))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 4096)) + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -488,7 +535,11 @@ def test_a_split_with_no_readable_image_is_an_error(tmp_path: Path, private_cach
     from ferkit.data.cache import _key
 
     private_cache.mkdir(parents=True, exist_ok=True)
-    np.savez(private_cache / f"{_key(src, 48)}.npz", images=np.zeros((0, 48, 48), np.uint8),
-             labels=np.zeros(0, np.int64), skipped=np.array('["x"]'))
+    np.savez(
+        private_cache / f"{_key(src, 48)}.npz",
+        images=np.zeros((0, 48, 48), np.uint8),
+        labels=np.zeros(0, np.int64),
+        skipped=np.array('["x"]'),
+    )
     with pytest.raises(DatasetError, match="could be read"):
         load_split(src, 48)

@@ -42,12 +42,15 @@ def make_test_model(path: Path, seed: int = 0, classes: tuple[str, ...] = CLASSE
         mu, sd = feats.mean(0), feats.std(0) + 1e-6
         z = (feats - mu) / sd
         y = torch.as_tensor(faces.labels)
-        centroids = torch.stack([z[y == k].mean(0) if (y == k).any() else torch.zeros_like(mu)
-                                 for k in range(len(classes))])
+        centroids = torch.stack(
+            [z[y == k].mean(0) if (y == k).any() else torch.zeros_like(mu) for k in range(len(classes))]
+        )
         w = 3.0 * centroids / sd
         net.head[-1].weight.copy_(w)
         net.head[-1].bias.copy_(-(w * mu).sum(1))
-    meta = ModelMeta(arch="fastcnn", classes=classes, name="test3", metrics={"accuracy": 0.5, "val_split": "validation"})
+    meta = ModelMeta(
+        arch="fastcnn", classes=classes, name="test3", metrics={"accuracy": 0.5, "val_split": "validation"}
+    )
     return save_model(path, net, meta)
 
 

@@ -40,8 +40,9 @@ def free_port() -> int:
 def start_server(model: Path, log_path: Path, **options: object) -> tuple[subprocess.Popen, str]:
     """``ferkit.serve.app.serve`` in its own process on a free loopback port; returns once /healthz answers 200."""
     port = free_port()
-    kwargs = ", ".join(f"{k}={v!r}" for k, v in {"host": "127.0.0.1", "port": port, "model": str(model),
-                                                   **options}.items())
+    kwargs = ", ".join(
+        f"{k}={v!r}" for k, v in {"host": "127.0.0.1", "port": port, "model": str(model), **options}.items()
+    )
     code = f"from ferkit.serve.app import serve; serve({kwargs})"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     log = log_path.open("wb")
@@ -72,6 +73,7 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 def png_header_bomb(w: int, h: int) -> bytes:
     """A valid 1-bit PNG of w×h black pixels: a few kB on disk, w·h pixels when decoded."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
@@ -100,11 +102,15 @@ def photos() -> list[Path]:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     d = tmp_path_factory.mktemp("serve")
     torch.manual_seed(0)
-    model = save_model(d / "test3.safetensors", create_model("fastcnn", num_classes=3).eval(),
-                       ModelMeta(arch="fastcnn", classes=CLASSES, metrics={"accuracy": 0.5, "val_split": "validation"}))
+    model = save_model(
+        d / "test3.safetensors",
+        create_model("fastcnn", num_classes=3).eval(),
+        ModelMeta(arch="fastcnn", classes=CLASSES, metrics={"accuracy": 0.5, "val_split": "validation"}),
+    )
     log_path = d / "server.log"
-    proc, base = start_server(model, log_path, max_upload_mb=UPLOAD_MB, max_concurrency=1, max_queue=0,
-                              access_log=False)
+    proc, base = start_server(
+        model, log_path, max_upload_mb=UPLOAD_MB, max_concurrency=1, max_queue=0, access_log=False
+    )
     try:
         yield base, log_path
     finally:
@@ -201,7 +207,7 @@ def _bad_inputs(photo: Path) -> list[tuple[str, dict, int]]:
 
     def chunks() -> Iterator[bytes]:
         for i in range(0, len(big), 64 * 1024):
-            yield big[i:i + 64 * 1024]
+            yield big[i : i + 64 * 1024]
 
     return [
         ("raw body over the limit", {"content": big}, 413),
@@ -217,8 +223,11 @@ def _bad_inputs(photo: Path) -> list[tuple[str, dict, int]]:
         ("30000x30000 PNG (decompression bomb)", {"content": png_header_bomb(30000, 30000)}, 413),
         ("9000x9000 PNG (over the pixel limit)", {"files": {"file": ("big.png", png_header_bomb(9000, 9000))}}, 413),
         ("4x4 image", {"content": tiny.getvalue()}, 422),
-        ("malformed multipart", {"content": b"garbage", "headers": {"Content-Type": "multipart/form-data; boundary=x"}},
-         400),
+        (
+            "malformed multipart",
+            {"content": b"garbage", "headers": {"Content-Type": "multipart/form-data; boundary=x"}},
+            400,
+        ),
         ("multipart without a file field", {"data": {"text": "hello"}, "files": {"other": ("a.jpg", jpeg[:100])}}, 400),
         ("detect=maybe", {"content": jpeg, "params": {"detect": "maybe"}}, 422),
     ]
@@ -251,8 +260,10 @@ def test_busy_gives_503_and_recovers(server: tuple[str, Path], photos: list[Path
     port = int(base.rsplit(":", 1)[1])
     slow = socket.create_connection(("127.0.0.1", port))
     try:
-        slow.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
-                     b"Content-Length: 100000\r\n\r\n" + b"\xff\xd8\xff" * 10)
+        slow.sendall(
+            b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
+            b"Content-Length: 100000\r\n\r\n" + b"\xff\xd8\xff" * 10
+        )
         deadline = time.monotonic() + 10
         while True:
             r = httpx.post(base + "/v1/predict", content=photos[0].read_bytes(), timeout=60)

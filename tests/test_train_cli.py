@@ -28,8 +28,15 @@ from ferkit.evaluate import evaluate_probs
 from ferkit.modelfile import ModelMeta, load_model, read_meta, save_model
 from ferkit.models import create_model
 
-RUN_FILES = ("model.safetensors", "model.json", "last.ckpt", "config.yaml", "metrics.json", "curves.png",
-             "confusion_matrix.png")
+RUN_FILES = (
+    "model.safetensors",
+    "model.json",
+    "last.ckpt",
+    "config.yaml",
+    "metrics.json",
+    "curves.png",
+    "confusion_matrix.png",
+)
 H3 = ["happy", "sad", "neutral"]
 
 
@@ -59,8 +66,12 @@ def model7(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     """A 7-class model file (weights untrained: what is under test is the evaluation, not the model)."""
     torch.manual_seed(7)
     net = create_model("fastcnn", num_classes=7).eval()
-    meta = ModelMeta(arch="fastcnn", classes=("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"),
-                     name="seven", training={"data": str(tiny_dataset)})
+    meta = ModelMeta(
+        arch="fastcnn",
+        classes=("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"),
+        name="seven",
+        training={"data": str(tiny_dataset)},
+    )
     return save_model(tmp_path_factory.mktemp("m7") / "seven.safetensors", net, meta)
 
 
@@ -101,8 +112,9 @@ def test_evaluate_json(run1: Path, capsys: pytest.CaptureFixture[str], tmp_path:
     assert "[train]" in out and "accuracy" in out and "confusion matrix" in out
 
 
-def test_seven_class_model_on_a_three_class_folder(model7: Path, tiny_dataset: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_seven_class_model_on_a_three_class_folder(
+    model7: Path, tiny_dataset: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["evaluate", "--model", str(model7), "--data", str(tiny_dataset / "validation"), "--json"]) == 0
     out, err = capsys.readouterr()
     m = json.loads(out)
@@ -110,8 +122,9 @@ def test_seven_class_model_on_a_three_class_folder(model7: Path, tiny_dataset: P
     assert "restricted" in err and "7 classes" in err
 
 
-def test_ensemble_averages_the_models(run1: Path, model7: Path, tiny_dataset: Path,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_ensemble_averages_the_models(
+    run1: Path, model7: Path, tiny_dataset: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["evaluate", "--model", f"{run1},{model7}", "--data", str(tiny_dataset), "--json"]) == 0
     m = json.loads(capsys.readouterr().out)
     assert m["models"] == [str(run1), str(model7)] and m["classes"] == H3 and m["n"] == 90
@@ -129,8 +142,27 @@ def test_ensemble_averages_the_models(run1: Path, model7: Path, tiny_dataset: Pa
 
 def test_distill(run1: Path, tiny_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "student"
-    rc = main(["distill", "--teacher", str(run1), "--student", "fastcnn", "--data", str(tiny_dataset), "--epochs", "1",
-               "--batch-size", "16", "--max-steps", "2", "--out", str(out), "--temperature", "2"])
+    rc = main(
+        [
+            "distill",
+            "--teacher",
+            str(run1),
+            "--student",
+            "fastcnn",
+            "--data",
+            str(tiny_dataset),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--max-steps",
+            "2",
+            "--out",
+            str(out),
+            "--temperature",
+            "2",
+        ]
+    )
     assert rc == 0
     for name in RUN_FILES:
         assert (out / name).is_file(), name
@@ -147,8 +179,26 @@ def test_seed_recipe_runs_without_pretrained(make_tiny_dataset: Callable[..., Pa
     pytest.importorskip("timm")
     nano = make_tiny_dataset(4, 2)
     out = tmp_path / "seed"
-    assert train("--recipe", "seed", "--no-pretrained", "--data", nano, "--epochs", 1, "--max-steps", 2,
-                 "--batch-size", 4, "--device", "cpu", "--out", out) == 0
+    assert (
+        train(
+            "--recipe",
+            "seed",
+            "--no-pretrained",
+            "--data",
+            nano,
+            "--epochs",
+            1,
+            "--max-steps",
+            2,
+            "--batch-size",
+            4,
+            "--device",
+            "cpu",
+            "--out",
+            out,
+        )
+        == 0
+    )
     meta = read_meta(out)
     assert meta.arch == "timm/efficientnet_b0" and meta.input_size == 160
     cfg = yaml.safe_load((out / "config.yaml").read_text())
@@ -163,8 +213,25 @@ def test_seed_recipe_runs_without_pretrained(make_tiny_dataset: Callable[..., Pa
 def test_accurate_recipe_runs(micro: Path, tmp_path: Path) -> None:
     # 30 images at batch 6: 5 steps an epoch, so the one-cycle warm-up (0.2) is exactly one step long
     out = tmp_path / "accurate"
-    assert train("--recipe", "accurate", "--data", micro, "--epochs", 1, "--batch-size", 6, "--max-steps", 2,
-                 "--device", "cpu", "--out", out) == 0
+    assert (
+        train(
+            "--recipe",
+            "accurate",
+            "--data",
+            micro,
+            "--epochs",
+            1,
+            "--batch-size",
+            6,
+            "--max-steps",
+            2,
+            "--device",
+            "cpu",
+            "--out",
+            out,
+        )
+        == 0
+    )
     m = json.loads((out / "metrics.json").read_text())
     assert m["tta"] == "tencrop" and m["final"]["n"] == 12
     assert read_meta(out).arch == "vgg"
@@ -213,41 +280,77 @@ BAD_INPUTS: list[tuple[str, list[str], str]] = [
     ("missing data", ["train", "--out", "{tmp}/x"], "--data is required"),
     ("empty folder", ["train", "--data", "{empty}", "--out", "{tmp}/x"], "empty folder"),
     ("missing folder", ["train", "--data", "{tmp}/nowhere", "--out", "{tmp}/x"], "no such file or folder"),
-    ("unknown class", ["train", "--data", "{tiny}", "--classes", "hapy,sad", "--out", "{tmp}/x"],
-     "unknown class 'hapy'.*did you mean 'happy'"),
-    ("class without images", ["train", "--data", "{tiny}", "--classes", "happy,angry", "--out", "{tmp}/x"],
-     "no images for class.*angry"),
-    ("unknown recipe", ["train", "--data", "{tiny}", "--recipe", "quik", "--out", "{tmp}/x"],
-     "unknown recipe 'quik'.*did you mean 'quick'"),
-    ("unknown --set key", ["train", "--data", "{tiny}", "--set", "label_smothing=0.2", "--out", "{tmp}/x"],
-     "unknown config key 'label_smothing'; did you mean 'label_smoothing'"),
-    ("bad --set value", ["train", "--data", "{tiny}", "--set", "epochs=many", "--out", "{tmp}/x"],
-     "config field 'epochs'"),
+    (
+        "unknown class",
+        ["train", "--data", "{tiny}", "--classes", "hapy,sad", "--out", "{tmp}/x"],
+        "unknown class 'hapy'.*did you mean 'happy'",
+    ),
+    (
+        "class without images",
+        ["train", "--data", "{tiny}", "--classes", "happy,angry", "--out", "{tmp}/x"],
+        "no images for class.*angry",
+    ),
+    (
+        "unknown recipe",
+        ["train", "--data", "{tiny}", "--recipe", "quik", "--out", "{tmp}/x"],
+        "unknown recipe 'quik'.*did you mean 'quick'",
+    ),
+    (
+        "unknown --set key",
+        ["train", "--data", "{tiny}", "--set", "label_smothing=0.2", "--out", "{tmp}/x"],
+        "unknown config key 'label_smothing'; did you mean 'label_smoothing'",
+    ),
+    (
+        "bad --set value",
+        ["train", "--data", "{tiny}", "--set", "epochs=many", "--out", "{tmp}/x"],
+        "config field 'epochs'",
+    ),
     ("--set without =", ["train", "--data", "{tiny}", "--set", "epochs", "--out", "{tmp}/x"], "expected KEY=VALUE"),
-    ("unknown model", ["train", "--data", "{tiny}", "--model", "fastcn", "--out", "{tmp}/x"],
-     "unknown model 'fastcn'.*did you mean 'fastcnn'"),
+    (
+        "unknown model",
+        ["train", "--data", "{tiny}", "--model", "fastcn", "--out", "{tmp}/x"],
+        "unknown model 'fastcn'.*did you mean 'fastcnn'",
+    ),
     ("no readable image", ["train", "--data", "{allbad}", "--out", "{tmp}/x"], "none of its 3 image.*could be read"),
     ("missing config file", ["train", "--data", "{tiny}", "--config", "{tmp}/nope.yaml"], "no such config file"),
     ("nothing to resume", ["train", "--resume", "--out", "{tmp}/fresh"], "nothing to resume"),
-    ("unknown teacher", ["distill", "--teacher", "{tmp}/nope", "--data", "{tiny}", "--out", "{tmp}/x"],
-     "no such model file"),
+    (
+        "unknown teacher",
+        ["distill", "--teacher", "{tmp}/nope", "--data", "{tiny}", "--out", "{tmp}/x"],
+        "no such model file",
+    ),
     ("cuda without a GPU", ["train", "--data", "{tiny}", "--device", "cuda", "--out", "{tmp}/x"], "no CUDA device"),
     ("evaluate a missing model", ["evaluate", "--model", "{tmp}/nope.safetensors"], "no such model file"),
-    ("evaluate on a missing folder", ["evaluate", "--model", "{run1}", "--data", "{tmp}/nowhere"],
-     "no such file or folder"),
+    (
+        "evaluate on a missing folder",
+        ["evaluate", "--model", "{run1}", "--data", "{tmp}/nowhere"],
+        "no such file or folder",
+    ),
     ("evaluate a missing split", ["evaluate", "--model", "{run1}", "--split", "test"], "no 'test' split"),
 ]
 
 
 @pytest.mark.parametrize(("argv", "message"), [pytest.param(a, m, id=i) for i, a, m in BAD_INPUTS])
-def test_bad_input_is_one_line_and_exit_2(argv: list[str], message: str, tiny_dataset: Path, run1: Path,
-                                         all_bad_validation: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                         one_line_error: Callable[[str], str]) -> None:
+def test_bad_input_is_one_line_and_exit_2(
+    argv: list[str],
+    message: str,
+    tiny_dataset: Path,
+    run1: Path,
+    all_bad_validation: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    one_line_error: Callable[[str], str],
+) -> None:
     if "cuda" in argv and torch.cuda.is_available():
         pytest.skip("a CUDA device is available")
     (tmp_path / "empty").mkdir()
-    subs = {"tmp": str(tmp_path), "empty": str(tmp_path / "empty"), "tiny": str(tiny_dataset), "run1": str(run1),
-            "allbad": str(all_bad_validation)}
+    subs = {
+        "tmp": str(tmp_path),
+        "empty": str(tmp_path / "empty"),
+        "tiny": str(tiny_dataset),
+        "run1": str(run1),
+        "allbad": str(all_bad_validation),
+    }
     rc = main([a.format(**subs) for a in argv])
     out, err = capsys.readouterr()
     assert rc == 2, (out, err)
@@ -255,17 +358,25 @@ def test_bad_input_is_one_line_and_exit_2(argv: list[str], message: str, tiny_da
     assert not (tmp_path / "x" / "model.safetensors").exists()
 
 
-def test_resume_cannot_stretch_the_schedule(run1: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                            one_line_error: Callable[[str], str]) -> None:
+def test_resume_cannot_stretch_the_schedule(
+    run1: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], one_line_error: Callable[[str], str]
+) -> None:
     run = tmp_path / "run"
     shutil.copytree(run1, run)
     assert train("--resume", "--out", run, "--epochs", 3) == 2
-    assert "planned for 5 steps (onecycle schedule), the settings now give 15" in one_line_error(capsys.readouterr().err)
+    assert "planned for 5 steps (onecycle schedule), the settings now give 15" in one_line_error(
+        capsys.readouterr().err
+    )
     assert load_ckpt(run / "last.ckpt")["epoch"] == 0
 
 
-def test_pretrained_offline_is_one_line(micro: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                       monkeypatch: pytest.MonkeyPatch, one_line_error: Callable[[str], str]) -> None:
+def test_pretrained_offline_is_one_line(
+    micro: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    one_line_error: Callable[[str], str],
+) -> None:
     pytest.importorskip("timm")
     if _hub_reachable():
         pytest.skip("the Hugging Face hub is reachable: --pretrained would download weights")
@@ -286,8 +397,25 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 def test_same_seed_same_weights(micro: Path, tmp_path: Path) -> None:
     def run(name: str, seed: int) -> dict[str, torch.Tensor]:
         out = tmp_path / name
-        assert train("--data", micro, "--epochs", 1, "--batch-size", 8, "--max-steps", 3, "--seed", seed,
-                     "--device", "cpu", "--out", out) == 0
+        assert (
+            train(
+                "--data",
+                micro,
+                "--epochs",
+                1,
+                "--batch-size",
+                8,
+                "--max-steps",
+                3,
+                "--seed",
+                seed,
+                "--device",
+                "cpu",
+                "--out",
+                out,
+            )
+            == 0
+        )
         assert load_ckpt(out / "last.ckpt")["step"] == 3
         return _weights(out / "model.safetensors")
 
@@ -303,10 +431,25 @@ def test_interrupted_run_resumes(tiny_dataset: Path, tmp_path: Path) -> None:
     """SIGKILL a real training process after its first checkpoint; --resume finishes the run with every epoch."""
     out = tmp_path / "killed"
     epochs = 4
-    cmd = [sys.executable, "-m", "ferkit", "train", "--data", str(tiny_dataset), "--epochs", str(epochs),
-           "--batch-size", "16", "--device", "cpu", "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "ferkit",
+        "train",
+        "--data",
+        str(tiny_dataset),
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "16",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
     ckpt = out / "last.ckpt"
     try:
         deadline = time.monotonic() + 240

@@ -26,11 +26,19 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WILD = DATA / "wild-dev"
 CLASSES = ("happy", "sad", "neutral")
 CHROMIUM = os.environ.get("FERKIT_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                                reason=f"chromium not installed at {CHROMIUM} (apt-get install -y chromium)")
+pytestmark = pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason=f"chromium not installed at {CHROMIUM} (apt-get install -y chromium)"
+)
 
 
 def free_port() -> int:
@@ -43,15 +51,24 @@ def free_port() -> int:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     d = tmp_path_factory.mktemp("webpage")
     torch.manual_seed(0)
-    model = save_model(d / "test3.safetensors", create_model("fastcnn", num_classes=3).eval(),
-                       ModelMeta(arch="fastcnn", classes=CLASSES, metrics={"accuracy": 0.5}))
+    model = save_model(
+        d / "test3.safetensors",
+        create_model("fastcnn", num_classes=3).eval(),
+        ModelMeta(arch="fastcnn", classes=CLASSES, metrics={"accuracy": 0.5}),
+    )
     port = free_port()
-    code = (f"from ferkit.serve.app import serve; serve(host='127.0.0.1', port={port}, model={str(model)!r}, "
-            f"max_upload_mb=2, access_log=False)")
+    code = (
+        f"from ferkit.serve.app import serve; serve(host='127.0.0.1', port={port}, model={str(model)!r}, "
+        f"max_upload_mb=2, access_log=False)"
+    )
     log_path = d / "server.log"
     with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -126,8 +143,9 @@ def test_upload_photo_shows_result(server: str, browser: object, photo: Path, tm
     try:
         assert "happy, sad, neutral" in page.text_content("#model-info")
         # what the server says about this photo, to compare with what the page shows
-        expected = httpx.post(server + "/v1/predict", files={"file": (photo.name, photo.read_bytes())},
-                              timeout=60).json()
+        expected = httpx.post(
+            server + "/v1/predict", files={"file": (photo.name, photo.read_bytes())}, timeout=60
+        ).json()
         assert expected["faces"]
 
         page.set_input_files("#file-input", str(photo))

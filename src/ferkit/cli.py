@@ -20,7 +20,10 @@ log = logging.getLogger("ferkit")
 
 TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--data", dict(help="dataset root (train/, validation/ …), a split folder or fer2013.csv")),
-    ("--classes", dict(help="comma-separated classes, or 'all' for the seven FER2013 ones (default happy,sad,neutral)")),
+    (
+        "--classes",
+        dict(help="comma-separated classes, or 'all' for the seven FER2013 ones (default happy,sad,neutral)"),
+    ),
     ("--recipe", dict(help="quick (CPU default) | seed (the original EfficientNet-B0 recipe) | accurate (GPU)")),
     ("--model", dict(help="architecture: see 'ferkit models --arch'; timm/<name> for timm backbones")),
     ("--epochs", dict(type=int)),
@@ -42,13 +45,22 @@ TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     for flag, kw in TRAIN_FLAGS:
         p.add_argument(flag, default=None, **kw)
-    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
-                   help="ImageNet weights for timm backbones (needs network the first time)")
+    p.add_argument(
+        "--pretrained",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="ImageNet weights for timm backbones (needs network the first time)",
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --out (or the latest run) from last.ckpt")
     p.add_argument("--config", help="YAML/JSON file of TrainConfig fields")
     p.add_argument("--strict", action="store_true", default=None, help="fail on the first unreadable image")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any TrainConfig field (repeatable), e.g. --set label_smoothing=0.05")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any TrainConfig field (repeatable), e.g. --set label_smoothing=0.05",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,8 +191,16 @@ def cmd_distill(a: argparse.Namespace) -> int:
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from ferkit.ensemble import evaluate_models
 
-    m = evaluate_models([s for s in a.model.split(",") if s.strip()], data=a.data, split=a.split, classes=a.classes,
-                        tta=a.tta, batch_size=a.batch_size, strict=a.strict, say=lambda s: print(s, file=sys.stderr))
+    m = evaluate_models(
+        [s for s in a.model.split(",") if s.strip()],
+        data=a.data,
+        split=a.split,
+        classes=a.classes,
+        tta=a.tta,
+        batch_size=a.batch_size,
+        strict=a.strict,
+        say=lambda s: print(s, file=sys.stderr),
+    )
     if a.out:
         from ferkit.evaluate import write_report
 
@@ -198,16 +218,27 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 def cmd_predict(a: argparse.Namespace) -> int:
     from ferkit.infer.predict import run_predict
 
-    return run_predict(a.inputs, model=a.model, fmt=a.format, save_annotated=a.save_annotated, no_detect=a.no_detect,
-                       detector=a.detector, every=a.every, batch_size=a.batch_size, backend=a.backend)
+    return run_predict(
+        a.inputs,
+        model=a.model,
+        fmt=a.format,
+        save_annotated=a.save_annotated,
+        no_detect=a.no_detect,
+        detector=a.detector,
+        every=a.every,
+        batch_size=a.batch_size,
+        backend=a.backend,
+    )
 
 
 def cmd_export(a: argparse.Namespace) -> int:
     from ferkit.export import export_onnx
 
     r = export_onnx(a.model, a.out, data=a.data, opset=a.opset)
-    print(f"wrote {r['path']}: parity vs PyTorch on {r['n']} images, max |Δp| = {r['max_abs_diff']:.2e} "
-          f"({'ok' if r['passed'] else 'FAILED'}, limit 1e-4)")
+    print(
+        f"wrote {r['path']}: parity vs PyTorch on {r['n']} images, max |Δp| = {r['max_abs_diff']:.2e} "
+        f"({'ok' if r['passed'] else 'FAILED'}, limit 1e-4)"
+    )
     return 0 if r["passed"] else 1
 
 
@@ -222,8 +253,14 @@ def cmd_models(a: argparse.Namespace) -> int:
     if a.arch:
         from ferkit.models import get_model_info, list_models
 
-        rows = [{"name": n, "input_size": get_model_info(n).default_input_size,
-                 "description": get_model_info(n).description} for n in list_models()]
+        rows = [
+            {
+                "name": n,
+                "input_size": get_model_info(n).default_input_size,
+                "description": get_model_info(n).description,
+            }
+            for n in list_models()
+        ]
         if a.json:
             print(json.dumps(rows))
         else:
@@ -236,16 +273,26 @@ def cmd_models(a: argparse.Namespace) -> int:
     rows = []
     for name, path in bundled_models().items():
         meta = read_meta(path)
-        rows.append({"name": name, "arch": meta.arch, "classes": list(meta.classes), "input_size": meta.input_size,
-                     "validation_accuracy": meta.metrics.get("accuracy"), "size_mb": round(path.stat().st_size / 1e6, 2),
-                     "path": str(path)})
+        rows.append(
+            {
+                "name": name,
+                "arch": meta.arch,
+                "classes": list(meta.classes),
+                "input_size": meta.input_size,
+                "validation_accuracy": meta.metrics.get("accuracy"),
+                "size_mb": round(path.stat().st_size / 1e6, 2),
+                "path": str(path),
+            }
+        )
     if a.json:
         print(json.dumps(rows))
         return 0
     print(f"{'name':<8}{'arch':<14}{'input':<8}{'val acc':<10}{'size':<9}classes")
     for r in rows:
         acc = f"{r['validation_accuracy'] * 100:.2f}%" if r["validation_accuracy"] is not None else "-"
-        print(f"{r['name']:<8}{r['arch']:<14}{r['input_size']:<8}{acc:<10}{r['size_mb']:<6.2f}MB {','.join(r['classes'])}")
+        print(
+            f"{r['name']:<8}{r['arch']:<14}{r['input_size']:<8}{acc:<10}{r['size_mb']:<6.2f}MB {','.join(r['classes'])}"
+        )
     return 0
 
 
@@ -257,8 +304,16 @@ def cmd_download(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "distill": cmd_distill, "evaluate": cmd_evaluate, "predict": cmd_predict,
-            "export": cmd_export, "serve": cmd_serve, "models": cmd_models, "download": cmd_download}
+COMMANDS = {
+    "train": cmd_train,
+    "distill": cmd_distill,
+    "evaluate": cmd_evaluate,
+    "predict": cmd_predict,
+    "export": cmd_export,
+    "serve": cmd_serve,
+    "models": cmd_models,
+    "download": cmd_download,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,8 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[a.command](a)
     except KeyboardInterrupt:
-        print("ferkit: interrupted" + ("; continue with --resume" if a.command in ("train", "distill") else ""),
-              file=sys.stderr)
+        print(
+            "ferkit: interrupted" + ("; continue with --resume" if a.command in ("train", "distill") else ""),
+            file=sys.stderr,
+        )
         return 130
     except FerkitError as e:
         print(f"ferkit: error: {e}", file=sys.stderr)

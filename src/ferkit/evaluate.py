@@ -25,20 +25,28 @@ def tta_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
         big = F.interpolate(x, size=(s + s // 8, s + s // 8), mode="bilinear", align_corners=False)
         d = big.shape[-1] - s
         offs = [(0, 0), (0, d), (d, 0), (d, d), (d // 2, d // 2)]
-        crops = [big[..., i:i + s, j:j + s] for i, j in offs]
+        crops = [big[..., i : i + s, j : j + s] for i, j in offs]
         return crops + [c.flip(-1) for c in crops]
     raise ValueError(f"unknown tta '{tta}' (none, flip, tencrop)")
 
 
 @torch.inference_mode()
-def predict_probs(net: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray | torch.Tensor, *, size: int,
-                  mean: float, std: float, tta: str = "none", batch_size: int = 512,
-                  device: str | torch.device = "cpu") -> torch.Tensor:
+def predict_probs(
+    net: Callable[[torch.Tensor], torch.Tensor],
+    images: np.ndarray | torch.Tensor,
+    *,
+    size: int,
+    mean: float,
+    std: float,
+    tta: str = "none",
+    batch_size: int = 512,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
     """Class probabilities for uint8 N×H×W face crops, averaged over the TTA views."""
     out = []
     x_all = torch.as_tensor(images)
     for i in range(0, len(x_all), batch_size):
-        x = to_float(x_all[i:i + batch_size].to(device), size, mean, std)
+        x = to_float(x_all[i : i + batch_size].to(device), size, mean, std)
         views = tta_views(x, tta)
         p = sum(F.softmax(net(v).float(), dim=1) for v in views) / len(views)
         out.append(p.cpu())
@@ -63,8 +71,10 @@ def metrics_from_confusion(cm: np.ndarray, classes: list[str]) -> dict[str, Any]
     return {
         "accuracy": float(tp.sum() / n) if n else 0.0,
         "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
-        "per_class": {c: {"precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]),
-                          "support": int(support[i])} for i, c in enumerate(classes)},
+        "per_class": {
+            c: {"precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]), "support": int(support[i])}
+            for i, c in enumerate(classes)
+        },
         "confusion_matrix": cm.tolist(),
         "classes": list(classes),
         "n": n,
@@ -80,12 +90,19 @@ def format_table(m: dict[str, Any]) -> str:
     """A plain-text report: headline numbers, per-class table and confusion matrix."""
     classes = m["classes"]
     w = max(9, *(len(c) for c in classes)) + 1
-    lines = [f"accuracy {m['accuracy'] * 100:.2f}%   macro-F1 {m['macro_f1'] * 100:.2f}%   n={m['n']}", "",
-             f"{'class':<{w}}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}"]
+    lines = [
+        f"accuracy {m['accuracy'] * 100:.2f}%   macro-F1 {m['macro_f1'] * 100:.2f}%   n={m['n']}",
+        "",
+        f"{'class':<{w}}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}",
+    ]
     for c in classes:
         r = m["per_class"][c]
         lines.append(f"{c:<{w}}{r['precision']:>10.3f}{r['recall']:>10.3f}{r['f1']:>10.3f}{r['support']:>10d}")
-    lines += ["", "confusion matrix (rows: true, columns: predicted)", f"{'':<{w}}" + "".join(f"{c[:8]:>9}" for c in classes)]
+    lines += [
+        "",
+        "confusion matrix (rows: true, columns: predicted)",
+        f"{'':<{w}}" + "".join(f"{c[:8]:>9}" for c in classes),
+    ]
     for c, row in zip(classes, m["confusion_matrix"]):
         lines.append(f"{c:<{w}}" + "".join(f"{v:>9d}" for v in row))
     return "\n".join(lines)
@@ -104,8 +121,15 @@ def plot_confusion(m: dict[str, Any], path: str | Path, title: str = "") -> None
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     for i in range(len(classes)):
         for j in range(len(classes)):
-            ax.text(j, i, f"{int(cm[i, j])}\n{norm[i, j] * 100:.0f}%", ha="center", va="center", fontsize=8,
-                    color="white" if norm[i, j] > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                f"{int(cm[i, j])}\n{norm[i, j] * 100:.0f}%",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if norm[i, j] > 0.5 else "black",
+            )
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), classes)
     ax.set_xlabel("predicted")

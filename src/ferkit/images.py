@@ -15,7 +15,9 @@ from ferkit.errors import ImageError
 
 #: Images above this many pixels are refused before decoding (a 30000×30000 JPEG would need 2.7 GB as RGB).
 MAX_PIXELS = int(os.environ.get("FERKIT_MAX_PIXELS", str(64_000_000)))
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm"})
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm"}
+)
 
 ImageInput = Union[str, os.PathLike, bytes, bytearray, np.ndarray, Image.Image]
 

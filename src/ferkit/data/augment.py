@@ -18,8 +18,17 @@ def to_float(x: torch.Tensor, size: int, mean: float, std: float) -> torch.Tenso
     return (x - mean) / std
 
 
-def fer_augment(x: torch.Tensor, *, rotate: float, scale: float, shift: float, flip: bool, erase: float,
-                jitter: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def fer_augment(
+    x: torch.Tensor,
+    *,
+    rotate: float,
+    scale: float,
+    shift: float,
+    flip: bool,
+    erase: float,
+    jitter: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Random affine (rotation, scale, shift, flip), brightness/contrast and random erasing on a [0,1] batch."""
     b, dev = x.shape[0], x.device
 
@@ -30,10 +39,13 @@ def fer_augment(x: torch.Tensor, *, rotate: float, scale: float, shift: float, f
     sc = u(1 - scale, 1 + scale)
     fl = torch.where(u(0, 1) < 0.5, -1.0, 1.0) if flip else torch.ones(b, device=dev)
     cos, sin = torch.cos(ang) / sc, torch.sin(ang) / sc
-    theta = torch.stack([
-        torch.stack([cos * fl, -sin, u(-shift, shift) * 2], 1),
-        torch.stack([sin * fl, cos, u(-shift, shift) * 2], 1),
-    ], 1)
+    theta = torch.stack(
+        [
+            torch.stack([cos * fl, -sin, u(-shift, shift) * 2], 1),
+            torch.stack([sin * fl, cos, u(-shift, shift) * 2], 1),
+        ],
+        1,
+    )
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     if jitter > 0:
@@ -50,15 +62,18 @@ def fer_augment(x: torch.Tensor, *, rotate: float, scale: float, shift: float, f
         cy, cx = u(0, 1) * h, u(0, 1) * w
         ys = torch.arange(h, device=dev).view(1, h, 1)
         xs = torch.arange(w, device=dev).view(1, 1, w)
-        m = ((ys - cy.view(b, 1, 1)).abs() < eh.view(b, 1, 1) / 2) & ((xs - cx.view(b, 1, 1)).abs() < ew.view(b, 1, 1) / 2)
+        m = ((ys - cy.view(b, 1, 1)).abs() < eh.view(b, 1, 1) / 2) & (
+            (xs - cx.view(b, 1, 1)).abs() < ew.view(b, 1, 1) / 2
+        )
         m = m & (u(0, 1) < erase).view(b, 1, 1)
         fill = torch.rand(b, 1, 1, 1, device=dev, generator=generator, dtype=x.dtype)  # the generator: reproducible
         x = torch.where(m.unsqueeze(1), fill.expand_as(x), x)
     return x.clamp_(0, 1)
 
 
-def seed_augment(x: torch.Tensor, *, jitter: float = 0.5, invert: float = 0.2,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+def seed_augment(
+    x: torch.Tensor, *, jitter: float = 0.5, invert: float = 0.2, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """The original project's transforms on a [0,1] batch: RandomInvert(0.2) and ColorJitter(brightness, contrast)."""
     b, dev = x.shape[0], x.device
     r = torch.rand(b, 3, device=dev, generator=generator)
@@ -87,8 +102,16 @@ class BatchAugment:
         if x.shape[-1] != c.input_size:
             x = F.interpolate(x, size=(c.input_size, c.input_size), mode="bilinear", align_corners=False)
         if c.augment == "fer":
-            x = fer_augment(x, rotate=c.rotate, scale=c.scale, shift=c.shift, flip=c.flip, erase=c.erase,
-                            jitter=c.jitter, generator=generator)
+            x = fer_augment(
+                x,
+                rotate=c.rotate,
+                scale=c.scale,
+                shift=c.shift,
+                flip=c.flip,
+                erase=c.erase,
+                jitter=c.jitter,
+                generator=generator,
+            )
         elif c.augment == "seed":
             x = seed_augment(x, jitter=c.jitter, generator=generator)
         return x

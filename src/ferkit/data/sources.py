@@ -17,9 +17,14 @@ from ferkit.images import is_image_path
 log = logging.getLogger(__name__)
 
 SPLIT_ALIASES: dict[str, str] = {
-    "train": "train", "training": "train",
-    "validation": "validation", "val": "validation", "valid": "validation", "publictest": "validation",
-    "test": "test", "privatetest": "test",
+    "train": "train",
+    "training": "train",
+    "validation": "validation",
+    "val": "validation",
+    "valid": "validation",
+    "publictest": "validation",
+    "test": "test",
+    "privatetest": "test",
 }
 CSV_USAGE = {"Training": "train", "PublicTest": "validation", "PrivateTest": "test"}
 CSV_SIDE = 48
@@ -156,7 +161,10 @@ def _from_csv(p: Path, classes: list[str], require_all: bool) -> Dataset:
         cols = [c.strip() for c in (reader.fieldnames or [])]
         need = {"emotion", "pixels"}
         if not need <= set(cols):
-            raise DatasetError(f"{p}: missing column(s) {', '.join(sorted(need - set(cols)))} (found: {', '.join(cols) or 'none'}); expected emotion,pixels,Usage")
+            raise DatasetError(
+                f"{p}: missing column(s) {', '.join(sorted(need - set(cols)))} "
+                f"(found: {', '.join(cols) or 'none'}); expected emotion,pixels,Usage"
+            )
         reader.fieldnames = cols
         for rowno, row in enumerate(reader, start=2):  # row 1 is the header
             try:

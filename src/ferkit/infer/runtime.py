@@ -97,8 +97,9 @@ class TorchRuntime:
 
     name = "torch"
 
-    def __init__(self, model: str | os.PathLike | torch.nn.Module, meta: ModelMeta | None = None, *,
-                 device: str = "cpu") -> None:
+    def __init__(
+        self, model: str | os.PathLike | torch.nn.Module, meta: ModelMeta | None = None, *, device: str = "cpu"
+    ) -> None:
         prefer_passive_openmp()
         import torch
 
@@ -156,8 +157,9 @@ class OnnxRuntime:
 
     name = "onnx"
 
-    def __init__(self, model: str | os.PathLike | bytes, meta: ModelMeta | None = None, *,
-                 threads: int | None = None) -> None:
+    def __init__(
+        self, model: str | os.PathLike | bytes, meta: ModelMeta | None = None, *, threads: int | None = None
+    ) -> None:
         ort = _import_onnxruntime()
         from ferkit.modelfile import ModelMeta
 
@@ -187,7 +189,9 @@ class OnnxRuntime:
         self.meta = meta
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
-        self.is_probs = props.get("output", "probabilities" if self.output_name == OUTPUT_NAME else "") == "probabilities"
+        self.is_probs = (
+            props.get("output", "probabilities" if self.output_name == OUTPUT_NAME else "") == "probabilities"
+        )
 
     def probs(self, x: np.ndarray) -> np.ndarray:
         """Class probabilities (float32 N×C) for a normalised float32 N×C×S×S batch."""
@@ -231,10 +235,17 @@ def to_onnx_bytes(net: torch.nn.Module, meta: ModelMeta, *, opset: int = 17) -> 
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
-        torch.onnx.export(WithSoftmax(net.float().eval()).eval(), (torch.zeros(2, meta.in_chans, s, s),), buf,
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                          opset_version=opset, do_constant_folding=True, dynamo=False)
+        torch.onnx.export(
+            WithSoftmax(net.float().eval()).eval(),
+            (torch.zeros(2, meta.in_chans, s, s),),
+            buf,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
     return buf.getvalue()
 
 
@@ -264,8 +275,10 @@ def make_runtime(model: str | os.PathLike, backend: str = "auto", *, device: str
         backend = "onnx" if on_cpu and (is_onnx or onnx_available()) else "torch"
     if is_onnx:
         if backend == "torch" or not on_cpu:
-            raise ValueError(f"{model}: an ONNX model runs only with backend 'onnx' on the CPU "
-                             f"(use the .safetensors model file for backend='torch' or device='{device}')")
+            raise ValueError(
+                f"{model}: an ONNX model runs only with backend 'onnx' on the CPU "
+                f"(use the .safetensors model file for backend='torch' or device='{device}')"
+            )
         return OnnxRuntime(path)
     if backend == "torch":
         return TorchRuntime(path, device=device)

@@ -19,8 +19,14 @@ class FastCNN(nn.Module):
     cost near 20 M multiply-adds while the first layer still sees every pixel.
     """
 
-    def __init__(self, num_classes: int, in_chans: int = 1, widths: tuple[int, ...] = (32, 64, 128), stem: int = 16,
-                 dropout: float = 0.3) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        in_chans: int = 1,
+        widths: tuple[int, ...] = (32, 64, 128),
+        stem: int = 16,
+        dropout: float = 0.3,
+    ) -> None:
         super().__init__()
         w1, w2, w3 = widths
         self.features = nn.Sequential(
@@ -34,7 +40,9 @@ class FastCNN(nn.Module):
             conv_bn(w2, w3),
             conv_bn(w3, w3),
         )
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(w3, num_classes))
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(w3, num_classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -47,14 +55,29 @@ class FastCNNSpatial(FastCNN):
     reduced 6×6 map keeps that layout for about 0.3 M extra multiply-adds.
     """
 
-    def __init__(self, num_classes: int, in_chans: int = 1, widths: tuple[int, ...] = (32, 64, 128), stem: int = 16,
-                 dropout: float = 0.3, reduce: int = 32, hidden: int = 128, input_size: int = 48) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        in_chans: int = 1,
+        widths: tuple[int, ...] = (32, 64, 128),
+        stem: int = 16,
+        dropout: float = 0.3,
+        reduce: int = 32,
+        hidden: int = 128,
+        input_size: int = 48,
+    ) -> None:
         super().__init__(num_classes, in_chans, widths, stem, dropout)
         side = input_size // 8
         self.head = nn.Sequential(
-            nn.Conv2d(widths[-1], reduce, 1, bias=False), nn.BatchNorm2d(reduce), nn.ReLU(inplace=True),
-            nn.AdaptiveAvgPool2d(side), nn.Flatten(), nn.Dropout(dropout),
-            nn.Linear(reduce * side * side, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Conv2d(widths[-1], reduce, 1, bias=False),
+            nn.BatchNorm2d(reduce),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(side),
+            nn.Flatten(),
+            nn.Dropout(dropout),
+            nn.Linear(reduce * side * side, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
             nn.Linear(hidden, num_classes),
         )
 
@@ -65,8 +88,9 @@ class VGGNet(nn.Module):
     The strong from-scratch baseline on FER2013 (73.28% PublicTest with their 300-epoch recipe).
     """
 
-    def __init__(self, num_classes: int, in_chans: int = 1, widths: tuple[int, ...] = (64, 128, 256, 512),
-                 dropout: float = 0.4) -> None:
+    def __init__(
+        self, num_classes: int, in_chans: int = 1, widths: tuple[int, ...] = (64, 128, 256, 512), dropout: float = 0.4
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         cin = in_chans
@@ -75,8 +99,13 @@ class VGGNet(nn.Module):
             cin = w
         self.features = nn.Sequential(*layers)
         self.head = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
-            nn.Linear(cin, 256), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(256, num_classes),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Dropout(dropout),
+            nn.Linear(cin, 256),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(256, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,7 +118,8 @@ class BasicBlock(nn.Module):
         self.conv1 = conv_bn(cin, cout, stride)
         self.conv2 = nn.Sequential(nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
         self.short = (
-            nn.Identity() if stride == 1 and cin == cout
+            nn.Identity()
+            if stride == 1 and cin == cout
             else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
         )
         self.act = nn.ReLU(inplace=True)
@@ -101,8 +131,9 @@ class BasicBlock(nn.Module):
 class ResNet48(nn.Module):
     """ResNet-18 layout for 48×48 inputs: a 3×3 stem without max-pooling, four stages of two basic blocks."""
 
-    def __init__(self, num_classes: int, in_chans: int = 1, widths: tuple[int, ...] = (64, 128, 256, 512),
-                 dropout: float = 0.2) -> None:
+    def __init__(
+        self, num_classes: int, in_chans: int = 1, widths: tuple[int, ...] = (64, 128, 256, 512), dropout: float = 0.2
+    ) -> None:
         super().__init__()
         self.stem = conv_bn(in_chans, widths[0])
         blocks: list[nn.Module] = []
@@ -112,7 +143,9 @@ class ResNet48(nn.Module):
             blocks += [BasicBlock(cin, w, stride), BasicBlock(w, w, 1)]
             cin = w
         self.layers = nn.Sequential(*blocks)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(cin, num_classes))
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(cin, num_classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.layers(self.stem(x)))
@@ -126,6 +159,15 @@ def fastcnn(num_classes: int, in_chans: int = 1) -> nn.Module:
 @register_model("fastcnn_sp", description="fastcnn with a spatial head (keeps the face layout), same speed")
 def fastcnn_sp(num_classes: int, in_chans: int = 1) -> nn.Module:
     return FastCNNSpatial(num_classes, in_chans)
+
+
+@register_model("fastcnn_pn", description="fastcnn that standardises each face (own mean/std) before the convolutions")
+def fastcnn_pn(num_classes: int, in_chans: int = 1) -> nn.Module:
+    # Per-image standardisation (InstanceNorm without affine on the input) removes exposure and contrast differences
+    # between photos before the network sees them; it exports to ONNX as one InstanceNormalization node.
+    net = FastCNN(num_classes, in_chans)
+    net.features.insert(0, nn.InstanceNorm2d(in_chans, affine=False, eps=1e-3))
+    return net
 
 
 @register_model("fastcnn_wide", description="wider fast CNN (~2× fastcnn's cost), a stronger CPU student")

@@ -47,9 +47,11 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 MULTIPART_OVERHEAD = 64 * 1024
 #: A client has this long to send its upload; slower ones get 408 so they cannot hold a slot forever.
 BODY_TIMEOUT_S = 60.0
-_PAGE_CSP = ("default-src 'self'; img-src 'self' blob: data:; media-src 'self' blob: mediastream:; "
-             "script-src 'self'; style-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; "
-             "frame-ancestors 'none'")
+_PAGE_CSP = (
+    "default-src 'self'; img-src 'self' blob: data:; media-src 'self' blob: mediastream:; "
+    "script-src 'self'; style-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+    "frame-ancestors 'none'"
+)
 
 
 class _Rejected(Exception):
@@ -66,7 +68,7 @@ def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> J
 
 def _one_line(s: str, limit: int = 300) -> str:
     s = " ".join(str(s).split())
-    return s if len(s) <= limit else s[:limit - 1] + "…"
+    return s if len(s) <= limit else s[: limit - 1] + "…"
 
 
 def _model_label(spec: str) -> str:
@@ -173,9 +175,15 @@ async def _image_bytes(request: Request, max_bytes: int) -> tuple[bytes, str]:
     return data, _one_line(name, 100)
 
 
-def create_app(model: str = "fer3", backend: str = "auto", max_upload_mb: float = 10,
-               max_concurrency: int | None = None, *, max_queue: int | None = None,
-               detector: str = "yunet") -> FastAPI:
+def create_app(
+    model: str = "fer3",
+    backend: str = "auto",
+    max_upload_mb: float = 10,
+    max_concurrency: int | None = None,
+    *,
+    max_queue: int | None = None,
+    detector: str = "yunet",
+) -> FastAPI:
     """Build the FastAPI app; the model is loaded when the app starts (its lifespan), not here.
 
     Args:
@@ -200,9 +208,15 @@ def create_app(model: str = "fer3", backend: str = "auto", max_upload_mb: float 
         app.state.admission = _Admission(concurrency, queue)
         app.state.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="ferkit-infer")
         app.state.bundled = await asyncio.to_thread(_bundled_summaries)
-        log.info("model %s loaded in %.1f s (backend %s); %d inference slot(s), queue %d, uploads ≤ %.1f MB",
-                 label, time.perf_counter() - t0, getattr(app.state.recognizer, "backend", backend), concurrency,
-                 queue, max_bytes / 2**20)
+        log.info(
+            "model %s loaded in %.1f s (backend %s); %d inference slot(s), queue %d, uploads ≤ %.1f MB",
+            label,
+            time.perf_counter() - t0,
+            getattr(app.state.recognizer, "backend", backend),
+            concurrency,
+            queue,
+            max_bytes / 2**20,
+        )
         try:
             yield
         finally:
@@ -210,7 +224,11 @@ def create_app(model: str = "fer3", backend: str = "auto", max_upload_mb: float 
             app.state.recognizer = None
 
     app = FastAPI(
-        title="ferkit", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
+        title="ferkit",
+        version=_version(),
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
         description="Facial expression recognition: detect faces in a photo and classify their expressions.",
     )
     app.state.recognizer = None
@@ -249,16 +267,27 @@ def create_app(model: str = "fer3", backend: str = "auto", max_upload_mb: float 
             422: {"description": "bad query parameter, or an image too small to hold a face"},
             503: {"description": "busy: inference queue full (see Retry-After) or model not loaded"},
         },
-        openapi_extra={"requestBody": {"required": True, "content": {
-            "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
-                "file": {"type": "string", "format": "binary", "description": "the photo"}}}},
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-        }}},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["file"],
+                            "properties": {"file": {"type": "string", "format": "binary", "description": "the photo"}},
+                        }
+                    },
+                    "image/*": {"schema": {"type": "string", "format": "binary"}},
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                },
+            }
+        },
     )
-    async def predict(request: Request,
-                      detect: bool = Query(True, description="find faces first; false classifies the whole image"),
-                      ) -> Response:
+    async def predict(
+        request: Request,
+        detect: bool = Query(True, description="find faces first; false classifies the whole image"),
+    ) -> Response:
         admission: _Admission | None = getattr(request.app.state, "admission", None)
         if app.state.recognizer is None or admission is None:
             return _error(503, "model not loaded yet", {"Retry-After": "2"})
@@ -294,8 +323,7 @@ def create_app(model: str = "fer3", backend: str = "auto", max_upload_mb: float 
         if rec is None:
             return _error(503, "model not loaded")
         adm: _Admission = app.state.admission
-        return JSONResponse({"status": "ok", "model": label, "classes": list(rec.classes),
-                             "in_flight": adm.admitted})
+        return JSONResponse({"status": "ok", "model": label, "classes": list(rec.classes), "in_flight": adm.admitted})
 
     @app.get("/v1/models", summary="The loaded model and the bundled ones")
     async def models() -> Response:
@@ -303,14 +331,24 @@ def create_app(model: str = "fer3", backend: str = "auto", max_upload_mb: float 
         if rec is None:
             return _error(503, "model not loaded")
         loaded = {"name": label, "backend": str(getattr(rec, "backend", backend)), **_meta_summary(rec.meta)}
-        return JSONResponse({"loaded": loaded, "bundled": app.state.bundled,
-                             "limits": {"max_upload_bytes": max_bytes, "max_concurrency": concurrency,
-                                        "max_queue": queue}})
+        return JSONResponse(
+            {
+                "loaded": loaded,
+                "bundled": app.state.bundled,
+                "limits": {"max_upload_bytes": max_bytes, "max_concurrency": concurrency, "max_queue": queue},
+            }
+        )
 
     def page(name: str) -> FileResponse:
-        return FileResponse(STATIC_DIR / name, media_type="text/html",
-                            headers={"Content-Security-Policy": _PAGE_CSP, "X-Content-Type-Options": "nosniff",
-                                     "Cache-Control": "no-cache"})
+        return FileResponse(
+            STATIC_DIR / name,
+            media_type="text/html",
+            headers={
+                "Content-Security-Policy": _PAGE_CSP,
+                "X-Content-Type-Options": "nosniff",
+                "Cache-Control": "no-cache",
+            },
+        )
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
@@ -338,22 +376,38 @@ _ENV = "FERKIT_SERVE_"
 
 
 def app_from_env() -> FastAPI:
-    """:func:`create_app` configured by ``FERKIT_SERVE_{MODEL,BACKEND,MAX_UPLOAD_MB,MAX_CONCURRENCY,MAX_QUEUE,DETECTOR}``.
+    """:func:`create_app` configured by the ``FERKIT_SERVE_*`` variables
+    (MODEL, BACKEND, MAX_UPLOAD_MB, MAX_CONCURRENCY, MAX_QUEUE, DETECTOR).
 
     This is the factory uvicorn's worker processes import (``uvicorn ferkit.serve.app:app_from_env --factory``).
     """
     env = os.environ
     conc = env.get(_ENV + "MAX_CONCURRENCY")
     queue = env.get(_ENV + "MAX_QUEUE")
-    return create_app(model=env.get(_ENV + "MODEL", "fer3"), backend=env.get(_ENV + "BACKEND", "auto"),
-                      max_upload_mb=float(env.get(_ENV + "MAX_UPLOAD_MB", "10")),
-                      max_concurrency=int(conc) if conc else None, max_queue=int(queue) if queue else None,
-                      detector=env.get(_ENV + "DETECTOR", "yunet"))
+    return create_app(
+        model=env.get(_ENV + "MODEL", "fer3"),
+        backend=env.get(_ENV + "BACKEND", "auto"),
+        max_upload_mb=float(env.get(_ENV + "MAX_UPLOAD_MB", "10")),
+        max_concurrency=int(conc) if conc else None,
+        max_queue=int(queue) if queue else None,
+        detector=env.get(_ENV + "DETECTOR", "yunet"),
+    )
 
 
-def serve(host: str = "127.0.0.1", port: int = 8000, model: str = "fer3", workers: int = 1, backend: str = "auto",
-          max_upload_mb: float = 10, *, max_concurrency: int | None = None, max_queue: int | None = None,
-          detector: str = "yunet", log_level: str = "info", access_log: bool = True) -> None:
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model: str = "fer3",
+    workers: int = 1,
+    backend: str = "auto",
+    max_upload_mb: float = 10,
+    *,
+    max_concurrency: int | None = None,
+    max_queue: int | None = None,
+    detector: str = "yunet",
+    log_level: str = "info",
+    access_log: bool = True,
+) -> None:
     """Run the server with uvicorn until interrupted (``workers`` > 1 starts that many processes).
 
     Raises:
@@ -366,12 +420,27 @@ def serve(host: str = "127.0.0.1", port: int = 8000, model: str = "fer3", worker
     resolve_model_path(model)  # a user mistake is one line from the CLI, not a failed worker's traceback
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: reachable from other machines; the server has no authentication", host)
-    settings = {"MODEL": model, "BACKEND": backend, "MAX_UPLOAD_MB": str(max_upload_mb), "DETECTOR": detector,
-                "MAX_CONCURRENCY": str(max_concurrency or ""), "MAX_QUEUE": "" if max_queue is None else str(max_queue)}
+    settings = {
+        "MODEL": model,
+        "BACKEND": backend,
+        "MAX_UPLOAD_MB": str(max_upload_mb),
+        "DETECTOR": detector,
+        "MAX_CONCURRENCY": str(max_concurrency or ""),
+        "MAX_QUEUE": "" if max_queue is None else str(max_queue),
+    }
     for k, v in settings.items():
         os.environ[_ENV + k] = v
     # uvicorn's own logging setup, plus ferkit's loggers on the same handler (also in the worker processes).
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     log_config["loggers"]["ferkit"] = {"handlers": ["default"], "level": log_level.upper(), "propagate": False}
-    uvicorn.run("ferkit.serve.app:app_from_env", factory=True, host=host, port=port, workers=max(1, workers),
-                log_level=log_level, log_config=log_config, access_log=access_log, timeout_graceful_shutdown=10)
+    uvicorn.run(
+        "ferkit.serve.app:app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=max(1, workers),
+        log_level=log_level,
+        log_config=log_config,
+        access_log=access_log,
+        timeout_graceful_shutdown=10,
+    )

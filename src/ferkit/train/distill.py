@@ -22,7 +22,9 @@ class Teachers(nn.Module):
             net, meta = load_model(spec.strip(), device=str(device))
             missing = [c for c in classes if c not in meta.classes]
             if missing:
-                raise ConfigError(f"teacher {spec}: has no class(es) {', '.join(missing)} (it has {', '.join(meta.classes)})")
+                raise ConfigError(
+                    f"teacher {spec}: has no class(es) {', '.join(missing)} (it has {', '.join(meta.classes)})"
+                )
             self.nets.append(net.eval().requires_grad_(False))
             self.metas.append(meta)
             self.index.append([meta.classes.index(c) for c in classes])
@@ -40,9 +42,16 @@ class Teachers(nn.Module):
         return torch.log(probs / len(self.nets) + 1e-8)
 
 
-def distill_loss(student_logits: torch.Tensor, teacher_logp: torch.Tensor, hard_loss: torch.Tensor, *,
-                 alpha: float, temperature: float) -> torch.Tensor:
+def distill_loss(
+    student_logits: torch.Tensor,
+    teacher_logp: torch.Tensor,
+    hard_loss: torch.Tensor,
+    *,
+    alpha: float,
+    temperature: float,
+) -> torch.Tensor:
     """alpha·T²·KL(teacher ‖ student at temperature T) + (1 − alpha)·hard-label loss (Hinton et al. 2015)."""
-    soft = F.kl_div(F.log_softmax(student_logits.float() / temperature, dim=1), teacher_logp, log_target=True,
-                    reduction="batchmean")
+    soft = F.kl_div(
+        F.log_softmax(student_logits.float() / temperature, dim=1), teacher_logp, log_target=True, reduction="batchmean"
+    )
     return alpha * temperature**2 * soft + (1 - alpha) * hard_loss

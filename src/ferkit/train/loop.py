@@ -45,8 +45,13 @@ def make_fabric(cfg: TrainConfig):  # noqa: ANN201 - lightning is imported lazil
     else:
         precision = "32-true" if precision == "32" else "16-mixed"
     multi = cfg.devices > 1 or cfg.num_nodes > 1
-    return Fabric(accelerator=accel, devices=cfg.devices, num_nodes=cfg.num_nodes, precision=precision,
-                  strategy="ddp" if multi else "auto")
+    return Fabric(
+        accelerator=accel,
+        devices=cfg.devices,
+        num_nodes=cfg.num_nodes,
+        precision=precision,
+        strategy="ddp" if multi else "auto",
+    )
 
 
 def shard(n: int, epoch: int, seed: int, rank: int, world: int) -> torch.Tensor:
@@ -54,11 +59,23 @@ def shard(n: int, epoch: int, seed: int, rank: int, world: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     perm = torch.randperm(n, generator=g)
     per = n // world
-    return perm[rank * per:(rank + 1) * per]
+    return perm[rank * per : (rank + 1) * per]
 
 
-def train_one_epoch(fabric, model: nn.Module, opt, sched, images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig,
-                    epoch: int, augment: BatchAugment, loss_fn: nn.Module, teachers=None, step0: int = 0) -> dict:
+def train_one_epoch(
+    fabric,
+    model: nn.Module,
+    opt,
+    sched,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: TrainConfig,
+    epoch: int,
+    augment: BatchAugment,
+    loss_fn: nn.Module,
+    teachers=None,
+    step0: int = 0,
+) -> dict:
     """One pass over this rank's shard of the training set. Returns mean loss and accuracy (this rank)."""
     model.train()
     idx = shard(len(labels), epoch, cfg.seed, fabric.global_rank, fabric.world_size)
@@ -73,7 +90,7 @@ def train_one_epoch(fabric, model: nn.Module, opt, sched, images: torch.Tensor, 
     for b in range(nb):
         if cfg.max_steps and step0 + b >= cfg.max_steps:
             break
-        j = idx[b * cfg.batch_size:(b + 1) * cfg.batch_size].to(images.device)
+        j = idx[b * cfg.batch_size : (b + 1) * cfg.batch_size].to(images.device)
         x01 = augment.unit(images[j], generator=g)
         x = (x01 - augment.mean) / augment.std
         y = labels[j]
@@ -91,8 +108,9 @@ def train_one_epoch(fabric, model: nn.Module, opt, sched, images: torch.Tensor, 
         if teachers is not None:
             from ferkit.train.distill import distill_loss
 
-            loss = distill_loss(out, teachers.logits(x01, cfg.distill_temp), loss, alpha=cfg.distill_alpha,
-                                temperature=cfg.distill_temp)
+            loss = distill_loss(
+                out, teachers.logits(x01, cfg.distill_temp), loss, alpha=cfg.distill_alpha, temperature=cfg.distill_temp
+            )
         opt.zero_grad(set_to_none=True)
         fabric.backward(loss)
         opt.step()
@@ -108,17 +126,18 @@ def train_one_epoch(fabric, model: nn.Module, opt, sched, images: torch.Tensor, 
             bar.set_postfix(loss=f"{tot_loss / seen:.3f}", acc=f"{tot_ok / seen:.3f}")
     if bar is not None:
         bar.close()
-    return {"train_loss": tot_loss / max(seen, 1), "train_acc": tot_ok / max(seen, 1), "steps": steps,
-            "images": seen}
+    return {"train_loss": tot_loss / max(seen, 1), "train_acc": tot_ok / max(seen, 1), "steps": steps, "images": seen}
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, size: int, tta: str = "none",
-             batch_size: int = 512) -> dict:
+def evaluate(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, size: int, tta: str = "none", batch_size: int = 512
+) -> dict:
     """Loss and accuracy on a held-out split (run on every rank, same data, so all ranks agree)."""
     model.eval()
-    probs = predict_probs(model, images, size=size, mean=MEAN, std=STD, tta=tta, batch_size=batch_size,
-                          device=images.device)
+    probs = predict_probs(
+        model, images, size=size, mean=MEAN, std=STD, tta=tta, batch_size=batch_size, device=images.device
+    )
     y = labels.cpu()
     loss = F.nll_loss(torch.log(probs + 1e-8), y).item()
     acc = (probs.argmax(1) == y).float().mean().item()
@@ -166,8 +185,10 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     if fabric.is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
         _write_yaml(out / "config.yaml", cfg.to_dict())
-        fabric.print(f"data: {len(tr_y)} train / {len(va_y)} {val_name} images, classes {', '.join(classes)}"
-                     f" ({'cached' if train.from_cache else 'decoded'} in {t_data:.1f}s)")
+        fabric.print(
+            f"data: {len(tr_y)} train / {len(va_y)} {val_name} images, classes {', '.join(classes)}"
+            f" ({'cached' if train.from_cache else 'decoded'} in {t_data:.1f}s)"
+        )
         if skipped:
             fabric.print(f"skipped {len(skipped)} unreadable image(s); listed in {out / 'skipped.txt'}")
             (out / "skipped.txt").write_text("\n".join(skipped) + "\n")
@@ -183,8 +204,10 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         _init_from(model, cfg, classes, fabric)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    params = [{"params": [p for n, p in model.named_parameters() if p.ndim > 1], "weight_decay": cfg.weight_decay},
-              {"params": [p for n, p in model.named_parameters() if p.ndim <= 1], "weight_decay": 0.0}]
+    params = [
+        {"params": [p for n, p in model.named_parameters() if p.ndim > 1], "weight_decay": cfg.weight_decay},
+        {"params": [p for n, p in model.named_parameters() if p.ndim <= 1], "weight_decay": 0.0},
+    ]
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
     elif cfg.optimizer == "adam":
@@ -199,13 +222,15 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     if cfg.schedule == "onecycle":
         # OneCycleLR divides by zero when pct_start × total_steps is exactly 1 (0.2 × 5 steps): step off that point.
         pct = cfg.warmup_pct if abs(cfg.warmup_pct * total - 1) > 1e-6 else cfg.warmup_pct * 1.01
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=pct,
-                                                    div_factor=25, final_div_factor=1e3)
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=cfg.lr, total_steps=total, pct_start=pct, div_factor=25, final_div_factor=1e3
+        )
     elif cfg.schedule == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
     elif cfg.schedule == "plateau":
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", patience=cfg.plateau_patience,
-                                                           factor=cfg.plateau_factor)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode="max", patience=cfg.plateau_patience, factor=cfg.plateau_factor
+        )
     else:
         sched = None
     weight = None
@@ -232,9 +257,11 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         stale = extra.get("stale", 0)
         planned = getattr(sched, "total_steps", getattr(sched, "T_max", total))  # as restored from the checkpoint
         if planned != total:  # a one-cycle/cosine schedule cannot be stretched; it would fail at its last step
-            raise ConfigError(f"--resume: {out} was planned for {planned} steps ({cfg.schedule} schedule), the "
-                              f"settings now give {total}; resume with the run's --epochs and --batch-size, or start "
-                              "a new run")
+            raise ConfigError(
+                f"--resume: {out} was planned for {planned} steps ({cfg.schedule} schedule), the "
+                f"settings now give {total}; resume with the run's --epochs and --batch-size, or start "
+                "a new run"
+            )
         fabric.print(f"resuming {out} from epoch {start_epoch + 1}/{cfg.epochs} (best so far {best_acc * 100:.2f}%)")
 
     t_train, images_seen = time.perf_counter(), 0
@@ -256,17 +283,37 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
                 _save_weights(model, best_path)
         else:
             stale += 1
-        fabric.print(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {tr['train_loss']:.4f}  acc {tr['train_acc'] * 100:5.2f}%"
-                     f"  val_loss {ev['val_loss']:.4f}  val_acc {ev['val_acc'] * 100:5.2f}%{' *' if improved else ''}"
-                     f"  {row['seconds']:.1f}s")
-        _save_ckpt(fabric, ckpt_path, {"model": model, "optimizer": opt, "scheduler": sched, "epoch": epoch,
-                                       "best_acc": best_acc, "history": history, "step": step, "stale": stale,
-                                       "config": cfg.to_dict()})
+        fabric.print(
+            f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {tr['train_loss']:.4f}  acc {tr['train_acc'] * 100:5.2f}%"
+            f"  val_loss {ev['val_loss']:.4f}  val_acc {ev['val_acc'] * 100:5.2f}%{' *' if improved else ''}"
+            f"  {row['seconds']:.1f}s"
+        )
+        _save_ckpt(
+            fabric,
+            ckpt_path,
+            {
+                "model": model,
+                "optimizer": opt,
+                "scheduler": sched,
+                "epoch": epoch,
+                "best_acc": best_acc,
+                "history": history,
+                "step": step,
+                "stale": stale,
+                "config": cfg.to_dict(),
+            },
+        )
         if fabric.is_global_zero:
             (out / "metrics.json").write_text(json.dumps({"history": history, "status": "running"}, indent=2) + "\n")
         if (cfg.early_stop and stale >= cfg.early_stop) or (cfg.max_steps and step >= cfg.max_steps):
-            fabric.print("stopping early: " + ("max_steps reached" if cfg.max_steps and step >= cfg.max_steps
-                                               else f"no improvement for {stale} epochs"))
+            fabric.print(
+                "stopping early: "
+                + (
+                    "max_steps reached"
+                    if cfg.max_steps and step >= cfg.max_steps
+                    else f"no improvement for {stale} epochs"
+                )
+            )
             break
     train_seconds = time.perf_counter() - t_train
     dump = os.environ.get("FERKIT_DUMP_RANK_WEIGHTS")
@@ -282,27 +329,56 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         raw.load_state_dict(load_file(str(best_path)))
     plain = evaluate_probs(evaluate(raw, val_images, val_labels, cfg.input_size)["probs"], va_y, classes)
     final = evaluate_probs(evaluate(raw, val_images, val_labels, cfg.input_size, tta=cfg.tta)["probs"], va_y, classes)
-    result = {"final": final, "plain_accuracy": plain["accuracy"], "tta": cfg.tta, "val_split": val_name,
-              "best_epoch": int(max(history, key=lambda h: h["val_acc"])["epoch"]) if history else 0,
-              "history": history, "train_seconds": train_seconds, "data_seconds": t_data,
-              "total_seconds": time.perf_counter() - t_start, "skipped": len(skipped), "status": "done",
-              "images_per_second": images_seen * fabric.world_size / max(train_seconds, 1e-9)}
+    result = {
+        "final": final,
+        "plain_accuracy": plain["accuracy"],
+        "tta": cfg.tta,
+        "val_split": val_name,
+        "best_epoch": int(max(history, key=lambda h: h["val_acc"])["epoch"]) if history else 0,
+        "history": history,
+        "train_seconds": train_seconds,
+        "data_seconds": t_data,
+        "total_seconds": time.perf_counter() - t_start,
+        "skipped": len(skipped),
+        "status": "done",
+        "images_per_second": images_seen * fabric.world_size / max(train_seconds, 1e-9),
+    }
     if fabric.is_global_zero:
-        meta = ModelMeta(arch=cfg.model, classes=tuple(classes), input_size=cfg.input_size, in_chans=1, mean=MEAN,
-                         std=STD, name=out.name, training={
-                             "recipe": cfg.recipe, "data": str(cfg.data), "epochs": len(history),
-                             "best_epoch": result["best_epoch"], "train_images": int(len(tr_y)),
-                             "teacher": cfg.teacher or None, "seconds": round(result["total_seconds"], 1)},
-                         metrics={"val_split": val_name, "accuracy": plain["accuracy"], "macro_f1": plain["macro_f1"],
-                                  f"accuracy_tta_{cfg.tta}": final["accuracy"], "n": final["n"]})
+        meta = ModelMeta(
+            arch=cfg.model,
+            classes=tuple(classes),
+            input_size=cfg.input_size,
+            in_chans=1,
+            mean=MEAN,
+            std=STD,
+            name=out.name,
+            training={
+                "recipe": cfg.recipe,
+                "data": str(cfg.data),
+                "epochs": len(history),
+                "best_epoch": result["best_epoch"],
+                "train_images": int(len(tr_y)),
+                "teacher": cfg.teacher or None,
+                "seconds": round(result["total_seconds"], 1),
+            },
+            metrics={
+                "val_split": val_name,
+                "accuracy": plain["accuracy"],
+                "macro_f1": plain["macro_f1"],
+                f"accuracy_tta_{cfg.tta}": final["accuracy"],
+                "n": final["n"],
+            },
+        )
         save_model(out / "model.safetensors", raw, meta)
         write_report(final, out, title=f"{cfg.model} on {val_name}: {final['accuracy'] * 100:.2f}% (tta {cfg.tta})")
         (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
         if history:
             plot_curves(history, out / "curves.png")
-        fabric.print(f"done: {val_name} accuracy {plain['accuracy'] * 100:.2f}% (tta {cfg.tta}: "
-                     f"{final['accuracy'] * 100:.2f}%), macro-F1 {final['macro_f1'] * 100:.2f}%, "
-                     f"{result['total_seconds']:.0f}s; model in {out / 'model.safetensors'}")
+        fabric.print(
+            f"done: {val_name} accuracy {plain['accuracy'] * 100:.2f}% (tta {cfg.tta}: "
+            f"{final['accuracy'] * 100:.2f}%), macro-F1 {final['macro_f1'] * 100:.2f}%, "
+            f"{result['total_seconds']:.0f}s; model in {out / 'model.safetensors'}"
+        )
     fabric.barrier()
     return result
 
@@ -313,9 +389,13 @@ def _init_from(model: nn.Module, cfg: TrainConfig, classes: list[str], fabric) -
 
     src, meta = load_model(cfg.init)
     if meta.arch != cfg.model:
-        raise ConfigError(f"--set init={cfg.init}: it is a '{meta.arch}' model, not '{cfg.model}' (use --model {meta.arch})")
+        raise ConfigError(
+            f"--set init={cfg.init}: it is a '{meta.arch}' model, not '{cfg.model}' (use --model {meta.arch})"
+        )
     state = src.state_dict()
-    if list(meta.classes) != classes:  # output layer: copy the rows of classes both models know, fresh init for the rest
+    if (
+        list(meta.classes) != classes
+    ):  # output layer: copy the rows of classes both models know, fresh init for the rest
         own = model.state_dict()
         last = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
         for k in (f"{last}.weight", f"{last}.bias"):
@@ -337,8 +417,10 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def _save_weights(model: nn.Module, path: Path) -> None:
     from safetensors.torch import save_file
 
-    sd = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.detach().cpu().contiguous()
-          for k, v in _unwrap(model).state_dict().items()}
+    sd = {
+        k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.detach().cpu().contiguous()
+        for k, v in _unwrap(model).state_dict().items()
+    }
     tmp = path.with_name(path.name + ".tmp")
     save_file(sd, str(tmp))
     os.replace(tmp, path)

@@ -12,6 +12,8 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) $(TORCH)
 	$(PIP) -e '.[test,download]'
+	# The second face detector (MTCNN): its wheel pins an old torch, so it goes in without its dependencies.
+	$(PIP) requests && $(PIP) --no-deps facenet-pytorch==2.6.0
 	touch $@
 
 install: $(VENV)/.installed

@@ -1,0 +1,66 @@
+"""The models shipped in the package: they load offline without pickle and recognise real faces."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ferkit import Recognizer
+from ferkit.cli import main
+from ferkit.modelfile import bundled_models, read_meta
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+needs_data = pytest.mark.skipif(not (DATA / "fer2013").is_dir(), reason="../shared/data not present")
+
+
+def test_bundled_models_present_small_and_described() -> None:
+    models = bundled_models()
+    assert {"fer3", "fer7"} <= set(models)
+    for name, path in models.items():
+        assert path.stat().st_size <= 20 * 1024 * 1024
+        meta = read_meta(path)
+        assert meta.name == name
+        assert 0 < meta.metrics["accuracy"] <= 1
+        assert (path.parent / f"{name}.md").read_text().count("validation") >= 1
+    assert read_meta(models["fer3"]).classes == ("happy", "sad", "neutral")
+    assert len(read_meta(models["fer7"]).classes) == 7
+
+
+def test_models_command_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["fer3"]["classes"] == ["happy", "sad", "neutral"] and rows["fer3"]["input_size"] == 48
+    assert rows["fer7"]["validation_accuracy"] > 0.5
+
+
+@needs_data
+@pytest.mark.parametrize("name,floor", [("fer3", 0.74), ("fer7", 0.58)])
+def test_bundled_accuracy_on_validation_slice(name: str, floor: float) -> None:
+    # 40 images per class of the validation split: far above chance (33% / 14%), near the full-split numbers.
+    rec = Recognizer(model=name)
+    crops, truth = [], []
+    for i, c in enumerate(rec.classes):
+        files = sorted((DATA / "fer2013" / "validation" / c).glob("*.jpg"))[:40]
+        from PIL import Image
+
+        crops += [np.asarray(Image.open(f).convert("L")) for f in files]
+        truth += [i] * len(files)
+    pred = rec.classify(np.stack(crops)).argmax(1)
+    acc = float((pred == np.array(truth)).mean())
+    assert acc >= floor, f"{name}: {acc:.3f} on the validation slice"
+
+
+@needs_data
+def test_fer3_end_to_end_on_wild_photos() -> None:
+    rec = Recognizer()  # the default: fer3, yunet
+    ok = n = 0
+    for c in ("happy", "sad", "neutral"):
+        for f in sorted((DATA / "wild-dev" / c).glob("*.jpg"))[:25]:
+            faces = rec.predict(str(f))
+            assert faces.faces, f"no face in {f}"
+            ok += faces.faces[0].label == c
+            n += 1
+    assert ok / n >= 0.75, f"{ok}/{n} wild-dev photos right"

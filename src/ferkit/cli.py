@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -113,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--model", default="fer3")
-    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--workers", type=int, default=None,
+                   help="server processes (default: one per CPU, at most 4; one process is bound by the GIL)")
     s.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"])
     s.add_argument("--max-upload-mb", type=float, default=10.0)
 
@@ -245,7 +247,8 @@ def cmd_export(a: argparse.Namespace) -> int:
 def cmd_serve(a: argparse.Namespace) -> int:
     from ferkit.serve.app import serve
 
-    serve(host=a.host, port=a.port, model=a.model, workers=a.workers, backend=a.backend, max_upload_mb=a.max_upload_mb)
+    workers = a.workers or max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+    serve(host=a.host, port=a.port, model=a.model, workers=workers, backend=a.backend, max_upload_mb=a.max_upload_mb)
     return 0
 
 

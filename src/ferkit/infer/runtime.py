@@ -165,7 +165,8 @@ class OnnxRuntime:
 
         label = "in-memory ONNX model" if isinstance(model, bytes) else str(model)
         so = ort.SessionOptions()
-        so.intra_op_num_threads = threads or cpu_threads()
+        env = os.environ.get("OMP_NUM_THREADS", "")
+        so.intra_op_num_threads = threads or (int(env) if env.isdigit() and int(env) > 0 else cpu_threads())
         so.inter_op_num_threads = 1
         # Idle worker threads spinning after each run steal the CPU from the face detector's own OpenMP threads that
         # run next: with spinning on, detect + classify of one photo took 1.7× as long on 2 cores; throughput on

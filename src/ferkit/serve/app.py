@@ -418,6 +418,9 @@ def serve(
     from ferkit.modelfile import resolve_model_path
 
     resolve_model_path(model)  # a user mistake is one line from the CLI, not a failed worker's traceback
+    # One thread per operator: a server gets its parallelism from concurrent requests, and per-request thread pools
+    # competing for the same cores cost more than they give (benchmarks/serve_load.py: 48 vs 39 req/s on 2 cores).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: reachable from other machines; the server has no authentication", host)
     settings = {

@@ -122,3 +122,16 @@ def _one_line_error() -> Callable[[str], str]:
 def _write_fer_csv() -> Callable[..., Path]:
     """The :func:`write_fer_csv` writer, as a fixture."""
     return write_fer_csv
+
+
+@pytest.fixture(scope="session")
+def offline_hub() -> None:
+    """Skip when the Hugging Face hub is reachable: a --pretrained test would then download weights instead of
+    testing the offline error."""
+    import socket
+
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=3):
+            pytest.skip("the Hugging Face hub is reachable: this would download weights, not test the offline error")
+    except OSError:
+        pass

@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -257,14 +256,6 @@ def test_train_on_a_single_folder_holds_out_a_tenth(micro: Path, tmp_path: Path)
     assert read_meta(out).training["train_images"] == 27
 
 
-def _hub_reachable() -> bool:
-    try:
-        with socket.create_connection(("huggingface.co", 443), timeout=3):
-            return True
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def all_bad_validation(micro: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The micro training set with a validation split of three broken files."""
@@ -376,10 +367,9 @@ def test_pretrained_offline_is_one_line(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
     one_line_error: Callable[[str], str],
+    offline_hub: None,
 ) -> None:
     pytest.importorskip("timm")
-    if _hub_reachable():
-        pytest.skip("the Hugging Face hub is reachable: --pretrained would download weights")
     monkeypatch.setenv("FERKIT_DOWNLOAD_TIMEOUT", "2")
     t0 = time.perf_counter()
     rc = train("--recipe", "seed", "--data", micro, "--max-steps", 1, "--device", "cpu", "--out", tmp_path / "x")

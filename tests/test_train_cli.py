@@ -139,7 +139,9 @@ def test_ensemble_averages_the_models(
     assert m["accuracy"] == evaluate_probs(pab, labels, H3)["accuracy"]
 
 
-def test_distill(run1: Path, tiny_dataset: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("precision", ["32", "bf16"])
+def test_distill(run1: Path, tiny_dataset: Path, tmp_path: Path, precision: str) -> None:
+    """bf16 runs the student and the teachers under autocast, also on CPU."""
     out = tmp_path / "student"
     rc = main(
         [
@@ -160,6 +162,8 @@ def test_distill(run1: Path, tiny_dataset: Path, tmp_path: Path) -> None:
             str(out),
             "--temperature",
             "2",
+            "--set",
+            f"precision={precision}",
         ]
     )
     assert rc == 0
@@ -168,8 +172,9 @@ def test_distill(run1: Path, tiny_dataset: Path, tmp_path: Path) -> None:
     meta = read_meta(out)
     assert meta.training["teacher"] == str(run1) and meta.arch == "fastcnn"
     cfg = yaml.safe_load((out / "config.yaml").read_text())
-    assert cfg["teacher"] == str(run1) and cfg["distill_temp"] == 2.0
+    assert cfg["teacher"] == str(run1) and cfg["distill_temp"] == 2.0 and cfg["precision"] == precision
     assert load_ckpt(out / "last.ckpt")["step"] == 2
+    assert json.loads((out / "metrics.json").read_text())["plain_accuracy"] > 0
 
 
 @pytest.mark.slow

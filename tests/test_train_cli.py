@@ -364,6 +364,7 @@ def test_resume_cannot_stretch_the_schedule(
         capsys.readouterr().err
     )
     assert load_ckpt(run / "last.ckpt")["epoch"] == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["epochs"] == 1  # the refused resume changed nothing
 
 
 def test_pretrained_offline_is_one_line(
@@ -418,6 +419,21 @@ def test_same_seed_same_weights(micro: Path, tmp_path: Path) -> None:
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_resumed_run_is_bit_identical(micro: Path, tmp_path: Path) -> None:
+    """Stop after epoch 1 (max_steps), resume to epoch 2: the same weights as one uninterrupted run."""
+    common = ("--data", micro, "--epochs", 2, "--batch-size", 8, "--device", "cpu", "--seed", 3)
+    assert train(*common, "--out", tmp_path / "whole") == 0
+    per_epoch = load_ckpt(tmp_path / "whole" / "last.ckpt")["step"] // 2
+    assert train(*common, "--out", tmp_path / "split", "--max-steps", per_epoch) == 0
+    assert load_ckpt(tmp_path / "split" / "last.ckpt")["epoch"] == 0
+    assert train("--resume", "--out", tmp_path / "split", "--max-steps", 0) == 0
+    a = load_ckpt(tmp_path / "whole" / "last.ckpt")
+    b = load_ckpt(tmp_path / "split" / "last.ckpt")
+    assert a["step"] == b["step"] == 2 * per_epoch
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "resumed weights differ"
 
 
 @pytest.mark.slow

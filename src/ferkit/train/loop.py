@@ -80,6 +80,9 @@ def train_one_epoch(
     model.train()
     idx = shard(len(labels), epoch, cfg.seed, fabric.global_rank, fabric.world_size)
     g = torch.Generator(device=images.device).manual_seed(cfg.seed * 7919 + epoch * 31 + fabric.global_rank)
+    # Dropout draws from the global generator: seed it per epoch too, so a resumed run repeats the same epochs bit
+    # for bit (the checkpoint then needs no RNG state, which differs per rank).
+    torch.manual_seed(cfg.seed * 104_729 + epoch * 1_009 + fabric.global_rank)
     nb = max(1, len(idx) // cfg.batch_size)
     tot_loss = tot_ok = seen = steps = 0
     bar = None
@@ -184,7 +187,8 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     t_data = time.perf_counter() - t_start
     if fabric.is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
-        _write_yaml(out / "config.yaml", cfg.to_dict())
+        if not resume:  # a resumed run keeps its config.yaml until the checkpoint is known to fit (below)
+            _write_yaml(out / "config.yaml", cfg.to_dict())
         fabric.print(
             f"data: {len(tr_y)} train / {len(va_y)} {val_name} images, classes {', '.join(classes)}"
             f" ({'cached' if train.from_cache else 'decoded'} in {t_data:.1f}s)"
@@ -264,6 +268,8 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
                 f"settings now give {total}; resume with the run's --epochs and --batch-size, or start "
                 "a new run"
             )
+        if fabric.is_global_zero:
+            _write_yaml(out / "config.yaml", cfg.to_dict())
         fabric.print(f"resuming {out} from epoch {start_epoch + 1}/{cfg.epochs} (best so far {best_acc * 100:.2f}%)")
 
     t_train, images_seen = time.perf_counter(), 0

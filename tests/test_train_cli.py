@@ -139,6 +139,53 @@ def test_ensemble_averages_the_models(
     assert m["accuracy"] == evaluate_probs(pab, labels, H3)["accuracy"]
 
 
+@pytest.fixture(scope="module")
+def wide3(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-class fastcnn_wide model file (untrained weights: a second, different member for ensembles)."""
+    torch.manual_seed(3)
+    net = create_model("fastcnn_wide", num_classes=3).eval()
+    meta = ModelMeta(arch="fastcnn_wide", classes=tuple(H3), name="wide3", training={"data": str(tiny_dataset)})
+    return save_model(tmp_path_factory.mktemp("w3") / "wide3.safetensors", net, meta)
+
+
+def test_packed_ensemble_is_one_model_file(
+    run1: Path,
+    wide3: Path,
+    model7: Path,
+    tiny_dataset: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    one_line_error: Callable[[str], str],
+) -> None:
+    packed = tmp_path / "ens.safetensors"
+    assert main(["export", "--format", "ferkit", "--model", f"{run1},{wide3}", "--out", str(packed)]) == 0
+    meta = read_meta(packed)
+    assert meta.arch == "ensemble(fastcnn,fastcnn_wide)" and meta.classes == tuple(H3)
+    assert meta.training["ensemble_of"] == [str(run1), str(wide3)] and meta.metrics["n"] == 90
+    from ferkit.data import find_dataset
+
+    src = find_dataset(tiny_dataset, H3).splits["validation"]
+    p_members, labels = ensemble_probs([load_model(run1), load_model(wide3)], src, H3)
+    p_packed, _ = ensemble_probs([load_model(packed)], src, H3)
+    assert np.allclose(p_packed, p_members, atol=1e-5)  # one file, the same averaged probabilities
+    assert meta.metrics["accuracy"] == evaluate_probs(p_packed, labels, H3)["accuracy"]
+
+    nested = tmp_path / "nested.safetensors"
+    assert main(["export", "--format", "ferkit", "--model", f"{packed},{run1}", "--out", str(nested)]) == 0
+    assert read_meta(nested).arch == "ensemble(fastcnn,fastcnn_wide,fastcnn)"  # flattened, members weigh the same
+
+    onnx_out = tmp_path / "ens.onnx"
+    rc = main(["export", "--model", str(packed), "--out", str(onnx_out), "--data", str(tiny_dataset / "validation")])
+    assert rc == 0 and onnx_out.stat().st_size > 0  # the ONNX parity check passed
+    capsys.readouterr()
+
+    bad = tmp_path / "bad.safetensors"
+    assert main(["export", "--format", "ferkit", "--model", f"{run1},{model7}", "--out", str(bad)]) == 1
+    assert "classes" in one_line_error(capsys.readouterr().err) and not bad.exists()
+    assert main(["export", "--format", "ferkit", "--model", str(run1), "--out", str(bad)]) == 1
+    assert "at least two" in one_line_error(capsys.readouterr().err)
+
+
 @pytest.mark.parametrize("precision", ["32", "bf16"])
 def test_distill(run1: Path, tiny_dataset: Path, tmp_path: Path, precision: str) -> None:
     """bf16 runs the student and the teachers under autocast, also on CPU."""

@@ -103,11 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=int, default=64)
     pr.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"])
 
-    x = sub.add_parser("export", help="export a model to ONNX with a parity check")
-    x.add_argument("--model", required=True)
-    x.add_argument("--format", default="onnx", choices=["onnx"])
+    x = sub.add_parser("export", help="export a model to ONNX with a parity check, or pack an ensemble")
+    x.add_argument("--model", required=True, help="model name, run dir or file; comma-separated for an ensemble")
+    x.add_argument("--format", default="onnx", choices=["onnx", "ferkit"],
+                   help="onnx, or ferkit: one ferkit model file (packs an ensemble of --model a,b,... into one)")
     x.add_argument("--out", required=True)
-    x.add_argument("--data", help="images for the parity check (default ../shared/data/fer2013 validation if present)")
+    x.add_argument("--data", help="onnx: images for the parity check (default ../shared/data/fer2013 validation if "
+                   "present); ferkit: the dataset to score the packed model on (default: its training data)")
     x.add_argument("--opset", type=int, default=17)
 
     s = sub.add_parser("serve", help="REST API and web page")
@@ -234,8 +236,20 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
+    specs = [s.strip() for s in a.model.split(",") if s.strip()]
+    if a.format == "ferkit":
+        from ferkit.ensemble import pack_ensemble
+
+        r = pack_ensemble(specs, a.out, data=a.data, say=lambda s: print(s, file=sys.stderr))
+        acc = r["metrics"].get("accuracy")
+        print(f"wrote {r['path']}: {r['arch']}" + (f", {r['metrics']['val_split']} accuracy {acc * 100:.2f}%"
+                                                   if acc is not None else ""))
+        return 0
+    from ferkit.errors import ConfigError
     from ferkit.export import export_onnx
 
+    if len(specs) != 1:
+        raise ConfigError("--format onnx exports one model; pack an ensemble first with --format ferkit")
     r = export_onnx(a.model, a.out, data=a.data, opset=a.opset)
     print(
         f"wrote {r['path']}: parity vs PyTorch on {r['n']} images, max |Δp| = {r['max_abs_diff']:.2e} "

@@ -69,11 +69,18 @@ def create_model(name: str, *, num_classes: int, in_chans: int = 1, pretrained: 
     """Build a network by name.
 
     Args:
-        name: a built-in name from :func:`list_models` or ``timm/<timm model name>``.
+        name: a built-in name from :func:`list_models`, ``timm/<timm model name>``, or ``ensemble(a,b,...)`` of those.
         num_classes: number of output logits.
         in_chans: 1 for grayscale input, 3 for RGB.
         pretrained: load ImageNet weights (timm backbones only; needs network access the first time).
     """
+    from ferkit.models.ensemble import Ensemble, ensemble_members
+
+    members = ensemble_members(name)
+    if members is not None:  # ensemble(a,b,...): built from its members' names (see ferkit.models.ensemble)
+        if pretrained:
+            raise ValueError("an ensemble is built from trained members; --pretrained does not apply")
+        return Ensemble([create_model(m, num_classes=num_classes, in_chans=in_chans) for m in members])
     if name.startswith(TIMM_PREFIX):
         return _create_timm(name[len(TIMM_PREFIX) :], num_classes=num_classes, in_chans=in_chans, pretrained=pretrained)
     info = get_model_info(name)

@@ -139,6 +139,28 @@ def test_ensemble_averages_the_models(
     assert m["accuracy"] == evaluate_probs(pab, labels, H3)["accuracy"]
 
 
+def test_distill_with_unlabelled_other_expressions(
+    run1: Path, make_tiny_dataset: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """distill_unlabeled: angry/fear faces join the transfer set with the teachers' soft labels, no hard label."""
+    data = make_tiny_dataset(8, 4, classes=("happy", "sad", "neutral", "angry", "fear"))
+    out = tmp_path / "student"
+    argv = ["distill", "--teacher", str(run1), "--data", str(data), "--epochs", "2", "--batch-size", "8",
+            "--out", str(out), "--set", "distill_unlabeled=true"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "24 train / 12 validation images" in printed and "plus 16 unlabelled for distillation" in printed
+    meta = read_meta(out)
+    assert meta.training["train_images"] == 24 and meta.training["unlabelled_images"] == 16
+    assert load_ckpt(out / "last.ckpt")["step"] == 2 * (40 // 8)  # every epoch covers all 40 images
+    hist = json.loads((out / "metrics.json").read_text())["history"]
+    assert all(np.isfinite(h["train_loss"]) and 0 <= h["train_acc"] <= 1 for h in hist)
+    assert meta.classes == tuple(H3) and meta.metrics["n"] == 12
+
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "x"), "--set", "distill_unlabeled=true"]) == 2
+    assert "needs teachers" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def wide3(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 3-class fastcnn_wide model file (untrained weights: a second, different member for ensembles)."""

@@ -59,6 +59,9 @@ class TrainConfig:
     teacher: str = ""  # distillation: comma-separated teacher models
     distill_alpha: float = 0.7  # weight of the soft-label loss
     distill_temp: float = 4.0
+    # distillation: also learn the teachers' soft labels on the train split's images of the *other* FER2013
+    # expressions (no hard label), e.g. angry/fear/... faces for a happy/sad/neutral student
+    distill_unlabeled: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -145,6 +148,7 @@ def _validate(cfg: TrainConfig) -> None:
         (0.0 <= cfg.label_smoothing < 1.0, f"label_smoothing {cfg.label_smoothing} must be in [0, 1)"),
         (0.0 <= cfg.distill_alpha <= 1.0, f"distill_alpha {cfg.distill_alpha} must be in [0, 1]"),
         (cfg.distill_temp > 0, "distill_temp must be positive"),
+        (not cfg.distill_unlabeled or bool(cfg.teacher), "distill_unlabeled needs teachers (ferkit distill --teacher)"),
         (cfg.max_steps >= 0 and cfg.early_stop >= 0, "max_steps and early_stop must be 0 (off) or positive"),
     ]
     for ok, msg in checks:

@@ -15,17 +15,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ferkit.classes import parse_classes
+from ferkit.classes import FER2013_CLASSES, parse_classes
 from ferkit.config import TrainConfig
 from ferkit.data import find_dataset, load_split
 from ferkit.data.augment import BatchAugment
-from ferkit.errors import ConfigError
+from ferkit.errors import ConfigError, DatasetError
 from ferkit.evaluate import evaluate_probs, plot_curves, predict_probs, write_report
 from ferkit.modelfile import ModelMeta, save_model
 from ferkit.models import create_model
 
 log = logging.getLogger(__name__)
 MEAN, STD = 0.5, 0.25
+
+
+#: Label of an unlabelled transfer image (distill_unlabeled): ignored by the hard-label loss and by accuracy.
+IGNORE = -100
 
 
 def make_fabric(cfg: TrainConfig):  # noqa: ANN201 - lightning is imported lazily
@@ -84,7 +88,7 @@ def train_one_epoch(
     # for bit (the checkpoint then needs no RNG state, which differs per rank).
     torch.manual_seed(cfg.seed * 104_729 + epoch * 1_009 + fabric.global_rank)
     nb = max(1, len(idx) // cfg.batch_size)
-    tot_loss = tot_ok = seen = steps = 0
+    tot_loss = tot_ok = seen = seen_labelled = steps = 0
     bar = None
     if fabric.is_global_zero and os.environ.get("FERKIT_PROGRESS", "1") != "0":
         from tqdm import tqdm
@@ -104,10 +108,10 @@ def train_one_epoch(
             mix = torch.randperm(len(y), device=x.device, generator=g)
             x = lam * x + (1 - lam) * x[mix]
             out = model(x)
-            loss = lam * loss_fn(out.float(), y) + (1 - lam) * loss_fn(out.float(), y[mix])
+            loss = lam * hard_loss(loss_fn, out, y) + (1 - lam) * hard_loss(loss_fn, out, y[mix])
         else:
             out = model(x)
-            loss = loss_fn(out.float(), y)
+            loss = hard_loss(loss_fn, out, y)
         if teachers is not None:
             from ferkit.train.distill import distill_loss
 
@@ -121,7 +125,9 @@ def train_one_epoch(
             sched.step()
         with torch.no_grad():
             tot_loss += loss.item() * len(y)
-            tot_ok += (out.argmax(1) == y).sum().item()
+            labelled = y >= 0  # unlabelled transfer images (distill_unlabeled) have no accuracy
+            tot_ok += (out.argmax(1) == y)[labelled].sum().item()
+            seen_labelled += int(labelled.sum().item())
             seen += len(y)
         steps += 1
         if bar is not None:
@@ -129,7 +135,34 @@ def train_one_epoch(
             bar.set_postfix(loss=f"{tot_loss / seen:.3f}", acc=f"{tot_ok / seen:.3f}")
     if bar is not None:
         bar.close()
-    return {"train_loss": tot_loss / max(seen, 1), "train_acc": tot_ok / max(seen, 1), "steps": steps, "images": seen}
+    return {"train_loss": tot_loss / max(seen, 1), "train_acc": tot_ok / max(seen_labelled, 1), "steps": steps,
+            "images": seen}
+
+
+def hard_loss(loss_fn: nn.Module, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The hard-label loss over the labelled images of a batch (zero, not NaN, when none is labelled)."""
+    keep = y >= 0
+    if bool(keep.all()):
+        return loss_fn(out.float(), y)
+    if not bool(keep.any()):
+        return out.float().sum() * 0.0
+    return loss_fn(out.float()[keep], y[keep])
+
+
+def _unlabelled_images(cfg: TrainConfig, classes: list[str]) -> np.ndarray:
+    """uint8 faces of the train split's other FER2013 expressions: the distillation transfer set."""
+    others = [c for c in FER2013_CLASSES if c not in classes]
+    empty = np.zeros((0, cfg.input_size, cfg.input_size), np.uint8)
+    if not others:
+        return empty
+    try:
+        ds = find_dataset(cfg.data, others, require_all=False)
+    except DatasetError:
+        return empty
+    src = ds.splits.get("train") or ds.splits.get("single")
+    if src is None or not len(src):
+        return empty
+    return load_split(src, cfg.input_size, strict=cfg.strict).images
 
 
 @torch.no_grad()
@@ -184,14 +217,21 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         tr_x, tr_y, va_x, va_y = train.images[tr_i], train.labels[tr_i], train.images[va_i], train.labels[va_i]
         skipped = train.skipped
         val_name = "train[10% held out]"
+    n_labelled = len(tr_y)
+    if cfg.distill_unlabeled:
+        extra = _unlabelled_images(cfg, classes)
+        if len(extra):
+            tr_x = np.concatenate([tr_x, extra])
+            tr_y = np.concatenate([np.asarray(tr_y), np.full(len(extra), IGNORE, np.asarray(tr_y).dtype)])
     t_data = time.perf_counter() - t_start
     if fabric.is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
         if not resume:  # a resumed run keeps its config.yaml until the checkpoint is known to fit (below)
             _write_yaml(out / "config.yaml", cfg.to_dict())
         fabric.print(
-            f"data: {len(tr_y)} train / {len(va_y)} {val_name} images, classes {', '.join(classes)}"
-            f" ({'cached' if train.from_cache else 'decoded'} in {t_data:.1f}s)"
+            f"data: {n_labelled} train / {len(va_y)} {val_name} images, classes {', '.join(classes)}"
+            + (f", plus {len(tr_y) - n_labelled} unlabelled for distillation" if len(tr_y) > n_labelled else "")
+            + f" ({'cached' if train.from_cache else 'decoded'} in {t_data:.1f}s)"
         )
         if skipped:
             fabric.print(f"skipped {len(skipped)} unreadable image(s); listed in {out / 'skipped.txt'}")
@@ -239,7 +279,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         sched = None
     weight = None
     if cfg.class_weighting:
-        counts = torch.bincount(labels, minlength=len(classes)).float().clamp(min=1)
+        counts = torch.bincount(labels[labels >= 0], minlength=len(classes)).float().clamp(min=1)
         weight = (counts.sum() / (len(classes) * counts)).to(dev)
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
     teachers = None
@@ -365,7 +405,8 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
                 "data": str(cfg.data),
                 "epochs": len(history),
                 "best_epoch": result["best_epoch"],
-                "train_images": int(len(tr_y)),
+                "train_images": int(n_labelled),
+                **({"unlabelled_images": int(len(tr_y) - n_labelled)} if len(tr_y) > n_labelled else {}),
                 "teacher": cfg.teacher or None,
                 "seconds": round(result["total_seconds"], 1),
             },

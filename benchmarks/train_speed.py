@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/train_speed.py --device cuda         # on a GPU (bf16 autocast, as training does)
     .venv/bin/python benchmarks/train_speed.py --models fastcnn --steps 20 --no-data
     .venv/bin/python benchmarks/train_speed.py --threads 1,2             # compare torch thread counts
+    .venv/bin/python benchmarks/train_speed.py --precision 32,bf16       # bf16 autocast on a CPU (AVX512-BF16/AMX)
 
 Measures:
   * training throughput: ``ferkit.train.loop.train_one_epoch`` (batched augmentation on the device, forward, loss,
@@ -37,14 +38,16 @@ DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "fer2013"
 CPU_STEPS = {"fastcnn": 8, "fastcnn_wide": 8, "vgg": 3, "resnet18": 3}
 
 
-def bench_model(name: str, *, device: str, batch_size: int, steps: int, warmup: int) -> dict:
+def bench_model(name: str, *, device: str, batch_size: int, steps: int, warmup: int, precision: str = "auto") -> dict:
     """Images/s of ``train_one_epoch`` for one architecture."""
     from ferkit.config import make_config
     from ferkit.data.augment import BatchAugment
     from ferkit.models import create_model
     from ferkit.train.loop import MEAN, STD, make_fabric, train_one_epoch
 
-    cfg = make_config("quick", {"model": name, "batch_size": batch_size, "device": device, "epochs": 1})
+    cfg = make_config(
+        "quick", {"model": name, "batch_size": batch_size, "device": device, "epochs": 1, "precision": precision}
+    )
     fabric = make_fabric(cfg)
     fabric.seed_everything(0, verbose=False)
     net = create_model(name, num_classes=7)
@@ -143,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--warmup", type=int, default=0, help="untimed steps first (default 1 on CPU, 10 on a GPU)")
     ap.add_argument("--threads", default="0", help="torch CPU threads, comma-separated to compare (0: torch's default)")
+    ap.add_argument("--precision", default="auto", help="auto|32|bf16, comma-separated to compare (auto: bf16 on a "
+                    "GPU, 32 on a CPU)")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--no-data", action="store_true", help="skip the cache timings")
     ap.add_argument("--out", type=Path, default=HERE / "train_speed.json")
@@ -156,18 +161,18 @@ def main(argv: list[str] | None = None) -> int:
     default_threads = torch.get_num_threads()
     for threads in [int(t) or default_threads for t in a.threads.split(",")]:
         torch.set_num_threads(threads)
-        for name in [m.strip() for m in a.models.split(",") if m.strip()]:
-            steps = a.steps or (50 if gpu else CPU_STEPS.get(name, 4))
-            r = bench_model(
-                name, device=a.device, batch_size=a.batch_size, steps=steps, warmup=a.warmup or (10 if gpu else 1)
-            )
-            r["threads"] = threads
-            rows.append(r)
-            print(
-                f"{r['model']:<14}{threads:>3} thr{r['images_per_second']:>10.1f} img/s{r['ms_per_step']:>10.1f} ms/step"  # noqa: E501
-                f"  ({r['steps']} steps of {r['batch_size']})",
-                flush=True,
-            )
+        for precision in [p.strip() for p in a.precision.split(",") if p.strip()]:
+            for name in [m.strip() for m in a.models.split(",") if m.strip()]:
+                steps = a.steps or (50 if gpu else CPU_STEPS.get(name, 4))
+                r = bench_model(name, device=a.device, batch_size=a.batch_size, steps=steps,
+                                warmup=a.warmup or (10 if gpu else 1), precision=precision)
+                r["threads"], r["precision"] = threads, precision
+                rows.append(r)
+                print(
+                    f"{r['model']:<14}{threads:>3} thr {precision:>5}{r['images_per_second']:>10.1f} img/s"
+                    f"{r['ms_per_step']:>10.1f} ms/step  ({r['steps']} steps of {r['batch_size']})",
+                    flush=True,
+                )
     torch.set_num_threads(default_threads)
     data = None
     if not a.no_data:
@@ -179,11 +184,11 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(f"training throughput on {a.device}, batch {a.batch_size}, 48×48")
-    print(f"{'model':<14}{'params':>10}{'threads':>9}{'images/s':>12}{'ms/step':>10}")
+    print(f"{'model':<14}{'params':>10}{'threads':>9}{'precision':>10}{'images/s':>12}{'ms/step':>10}")
     for r in rows:
         print(
-            f"{r['model']:<14}{r['params_m']:>8.2f} M{r['threads']:>9}{r['images_per_second']:>12.1f}"
-            f"{r['ms_per_step']:>10.1f}"
+            f"{r['model']:<14}{r['params_m']:>8.2f} M{r['threads']:>9}{r['precision']:>10}"
+            f"{r['images_per_second']:>12.1f}{r['ms_per_step']:>10.1f}"
         )
     if data:
         print()

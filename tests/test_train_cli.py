@@ -60,18 +60,19 @@ def run1(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def untrained_model_file(folder: Path, arch: str, classes: tuple[str, ...], data: Path, seed: int) -> Path:
+    """A model file with untrained weights: for tests of evaluation and packing, not of the model."""
+    torch.manual_seed(seed)
+    net = create_model(arch, num_classes=len(classes)).eval()
+    meta = ModelMeta(arch=arch, classes=classes, name=f"{arch}-{len(classes)}", training={"data": str(data)})
+    return save_model(folder / f"{arch}-{len(classes)}.safetensors", net, meta)
+
+
 @pytest.fixture(scope="module")
 def model7(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 7-class model file (weights untrained: what is under test is the evaluation, not the model)."""
-    torch.manual_seed(7)
-    net = create_model("fastcnn", num_classes=7).eval()
-    meta = ModelMeta(
-        arch="fastcnn",
-        classes=("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"),
-        name="seven",
-        training={"data": str(tiny_dataset)},
-    )
-    return save_model(tmp_path_factory.mktemp("m7") / "seven.safetensors", net, meta)
+    """A 7-class fastcnn model file."""
+    seven = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+    return untrained_model_file(tmp_path_factory.mktemp("m7"), "fastcnn", seven, tiny_dataset, 7)
 
 
 def test_train_writes_the_run_directory(run1: Path, tiny_dataset: Path) -> None:
@@ -163,11 +164,8 @@ def test_distill_with_unlabelled_other_expressions(
 
 @pytest.fixture(scope="module")
 def wide3(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 3-class fastcnn_wide model file (untrained weights: a second, different member for ensembles)."""
-    torch.manual_seed(3)
-    net = create_model("fastcnn_wide", num_classes=3).eval()
-    meta = ModelMeta(arch="fastcnn_wide", classes=tuple(H3), name="wide3", training={"data": str(tiny_dataset)})
-    return save_model(tmp_path_factory.mktemp("w3") / "wide3.safetensors", net, meta)
+    """A 3-class fastcnn_wide model file: a second, different member for ensembles."""
+    return untrained_model_file(tmp_path_factory.mktemp("w3"), "fastcnn_wide", tuple(H3), tiny_dataset, 3)
 
 
 def test_packed_ensemble_is_one_model_file(

@@ -488,6 +488,15 @@ def test_same_seed_same_weights(micro: Path, tmp_path: Path) -> None:
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
+def test_lightning_lines_print_once(micro: Path, tmp_path: Path) -> None:
+    """The CLI configures logging before Lightning is imported: its info lines must not print twice."""
+    cmd = [sys.executable, "-m", "ferkit", "train", "--data", str(micro), "--out", str(tmp_path / "r"), "--epochs", "1",
+           "--max-steps", "1", "--batch-size", "8", "--set", "precision=bf16"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "FERKIT_PROGRESS": "0"})
+    assert r.returncode == 0, r.stderr
+    assert (r.stdout + r.stderr).count("Automatic Mixed Precision") == 1, r.stderr
+
+
 def test_resumed_run_is_bit_identical(micro: Path, tmp_path: Path) -> None:
     """Stop after epoch 1 (max_steps), resume to epoch 2: the same weights as one uninterrupted run."""
     common = ("--data", micro, "--epochs", 2, "--batch-size", 8, "--device", "cpu", "--seed", 3)

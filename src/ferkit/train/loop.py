@@ -35,6 +35,11 @@ IGNORE = -100
 def make_fabric(cfg: TrainConfig):  # noqa: ANN201 - lightning is imported lazily
     from lightning.fabric import Fabric
 
+    # Imported after the CLI configured logging, Lightning adds its own handler to "lightning" *and* lets records
+    # reach ours: every info line would print twice.
+    lightning_log = logging.getLogger("lightning")
+    if lightning_log.handlers:
+        lightning_log.propagate = False
     accel = cfg.device
     if accel == "auto":
         accel = "cuda" if torch.cuda.is_available() else "cpu"

@@ -137,7 +137,7 @@ def train_one_epoch(
         steps += 1
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{tot_loss / seen:.3f}", acc=f"{tot_ok / seen:.3f}")
+            bar.set_postfix(loss=f"{tot_loss / seen:.3f}", acc=f"{tot_ok / max(seen_labelled, 1):.3f}")
     if bar is not None:
         bar.close()
     return {"train_loss": tot_loss / max(seen, 1), "train_acc": tot_ok / max(seen_labelled, 1), "steps": steps,

@@ -194,9 +194,10 @@ def cmd_distill(a: argparse.Namespace) -> int:
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from ferkit.ensemble import evaluate_models
+    from ferkit.modelfile import model_specs
 
     m = evaluate_models(
-        [s for s in a.model.split(",") if s.strip()],
+        model_specs(a.model),
         data=a.data,
         split=a.split,
         classes=a.classes,
@@ -236,7 +237,9 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    specs = [s.strip() for s in a.model.split(",") if s.strip()]
+    from ferkit.modelfile import model_specs
+
+    specs = model_specs(a.model)
     if a.format == "ferkit":
         from ferkit.ensemble import pack_ensemble
 

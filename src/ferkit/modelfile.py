@@ -66,6 +66,11 @@ def bundled_models() -> dict[str, Path]:
     return {p.stem: p for p in sorted(WEIGHTS_DIR.glob("*.safetensors"))}
 
 
+def model_specs(text: str) -> list[str]:
+    """A comma-separated ``--model``/``--teacher`` value → the model specs it names (blanks dropped)."""
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
 def resolve_model_path(spec: str | os.PathLike) -> Path:
     """A bundled model's name, a run directory or a model file → the model file's path.
 

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ferkit.errors import ConfigError
-from ferkit.modelfile import ModelMeta, load_model
+from ferkit.modelfile import ModelMeta, load_model, model_specs
 
 
 class Teachers(nn.Module):
@@ -18,8 +18,8 @@ class Teachers(nn.Module):
         self.nets = nn.ModuleList()
         self.metas: list[ModelMeta] = []
         self.index: list[list[int]] = []
-        for spec in [s for s in specs.split(",") if s.strip()]:
-            net, meta = load_model(spec.strip(), device=str(device))
+        for spec in model_specs(specs):
+            net, meta = load_model(spec, device=str(device))
             missing = [c for c in classes if c not in meta.classes]
             if missing:
                 raise ConfigError(

@@ -13,18 +13,17 @@ This module imports neither torch nor the training or server stacks; the backend
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ferkit.errors import ImageError
 from ferkit.images import ImageInput, load_image, resize_face
 from ferkit.infer.detect import DEFAULT_DETECTOR, Detector, get_detector
+from ferkit.infer.results import CROP_MARGIN, Face, Results, crop_box, draw_faces
 from ferkit.infer.runtime import Runtime, make_runtime, prefer_passive_openmp
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -32,156 +31,13 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CROP_MARGIN", "MIN_IMAGE_SIDE", "Face", "Recognizer", "Results", "crop_box"]
+# Face, Results, crop_box and draw_faces live in ferkit.infer.results; re-exported here for existing imports.
+__all__ = ["CROP_MARGIN", "MIN_IMAGE_SIDE", "Face", "Recognizer", "Results", "crop_box", "draw_faces"]
 
-#: Context added on every side of a detector box before cropping, as a fraction of the box's longer side (0.05: the
-#: square crop is 1.1× the box). On wild-dev (498 photos, YuNet boxes) a fastcnn trained on FER2013 (78.2% on its
-#: validation split) scored 85.7/85.7/85.5/84.9/85.3% at margins 0/0.05/0.10/0.15/0.20 against 80.9% on whole photos;
-#: padding the outside by edge replication instead of shifting the square into the image scored 84.7% at 0.05 and fell
-#: to 77.5% at 0.25; clipping to a non-square region scored 83.7% at 0.05.
-CROP_MARGIN = 0.05
 #: Images with a shorter side than this cannot hold a recognisable face and are refused.
 MIN_IMAGE_SIDE = 8
 #: Largest number of faces sent to the backend in one call (bounds memory on huge batches).
 MAX_CLASSIFY_BATCH = 512
-
-_COLOURS: dict[str, tuple[int, int, int]] = {  # RGB
-    "happy": (46, 204, 64),
-    "sad": (0, 116, 217),
-    "neutral": (190, 190, 190),
-    "angry": (255, 65, 54),
-    "disgust": (61, 153, 112),
-    "fear": (177, 13, 201),
-    "surprise": (255, 133, 27),
-}
-_PALETTE = [(255, 220, 0), (57, 204, 204), (240, 18, 190), (1, 255, 112), (255, 133, 27), (127, 219, 255)]
-
-
-@dataclass(frozen=True)
-class Face:
-    """One recognised face.
-
-    Attributes:
-        box: ``(x, y, w, h)`` in pixels of the original image (after EXIF rotation).
-        label: the most probable class.
-        score: its probability.
-        scores: class → probability, in the model's class order.
-    """
-
-    box: tuple[int, int, int, int]
-    label: str
-    score: float
-    scores: dict[str, float] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """``{"box": [x, y, w, h], "label": ..., "score": ..., "scores": {class: prob}}`` (JSON-ready)."""
-        return {"box": [int(v) for v in self.box], "label": self.label, "score": float(self.score),
-                "scores": {k: float(v) for k, v in self.scores.items()}}
-
-
-@dataclass
-class Results:
-    """The faces found in one image; behaves as a list of :class:`Face`.
-
-    Attributes:
-        faces: the faces, largest first.
-        image: the image the boxes refer to (uint8 H×W×3 RGB or H×W gray), or None when not kept.
-        path: the file the image came from, or None.
-    """
-
-    faces: list[Face]
-    image: np.ndarray | None = None
-    path: str | None = None
-
-    def __len__(self) -> int:
-        return len(self.faces)
-
-    def __iter__(self) -> Iterator[Face]:
-        return iter(self.faces)
-
-    def __getitem__(self, i: int) -> Face:
-        return self.faces[i]
-
-    def __repr__(self) -> str:
-        shape = None if self.image is None else tuple(self.image.shape)
-        return f"Results(path={self.path!r}, image={shape}, faces={self.faces!r})"
-
-    def to_dict(self) -> dict[str, Any]:
-        """``{"file": path or None, "faces": [face.to_dict(), ...]}``."""
-        return {"file": self.path, "faces": [f.to_dict() for f in self.faces]}
-
-    def to_json(self, **kwargs: Any) -> str:
-        """``to_dict()`` as JSON; keyword arguments go to ``json.dumps``."""
-        return json.dumps(self.to_dict(), **kwargs)
-
-    def plot(self) -> np.ndarray:
-        """A copy of the image (uint8 H×W×3 RGB) with each face's box, label and score drawn.
-
-        Raises:
-            ValueError: the results do not hold their image.
-        """
-        if self.image is None:
-            raise ValueError("these results do not hold their image (nothing to draw on)")
-        return draw_faces(self.image, self.faces)
-
-
-def _colour(label: str) -> tuple[int, int, int]:
-    return _COLOURS.get(label) or _PALETTE[sum(map(ord, label)) % len(_PALETTE)]
-
-
-def draw_faces(image: np.ndarray, faces: Sequence[Face]) -> np.ndarray:
-    """Draw boxes and ``label score`` captions on an RGB copy of ``image``.
-
-    The caption's size follows the box (at least legible on the image as a whole), sits above the box, or inside it
-    when the box touches the top edge.
-    """
-    import cv2
-
-    out = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB) if image.ndim == 2 else image.copy()
-    img_h, img_w = out.shape[:2]
-    font = cv2.FONT_HERSHEY_SIMPLEX
-    min_scale = max(img_h, img_w) / 1400  # ~11 px high text on a 640-px image, more on big photos
-    for f in faces:
-        x, y, w, h = f.box
-        colour = _colour(f.label)
-        line = max(1, round(max(w, h) / 100))
-        # a dark rim under the coloured line keeps light colours (neutral's grey) visible on light backgrounds
-        cv2.rectangle(out, (x, y), (x + w - 1, y + h - 1), (0, 0, 0), line + 2, cv2.LINE_AA)
-        cv2.rectangle(out, (x, y), (x + w - 1, y + h - 1), colour, line, cv2.LINE_AA)
-        text = f"{f.label} {f.score:.2f}"
-        (tw1, _), _ = cv2.getTextSize(text, font, 1.0, 1)
-        scale = min(max(w * 0.9 / tw1, min_scale, 0.35), 3.0)
-        thick = max(1, round(scale * 1.6))
-        (tw, th), base = cv2.getTextSize(text, font, scale, thick)
-        pad = max(2, th // 4)
-        top = y - th - base - 2 * pad
-        if top < 0:  # no room above the box: caption inside its top edge
-            top = y
-        tx = min(max(0, x), max(0, img_w - tw - 2 * pad))
-        cv2.rectangle(out, (tx, top), (tx + tw + 2 * pad, top + th + base + 2 * pad), colour, -1)
-        # dark text on light colours, white on dark ones
-        ink = (0, 0, 0) if sum(colour) > 380 else (255, 255, 255)
-        cv2.putText(out, text, (tx + pad, top + pad + th), font, scale, ink, thick, cv2.LINE_AA)
-    return out
-
-
-def crop_box(box: tuple[int, int, int, int], width: int, height: int,
-             margin: float = CROP_MARGIN) -> tuple[int, int, int, int]:
-    """The square region to classify for a face box in a ``width``×``height`` image.
-
-    The square's side is the box's longer side plus ``margin`` of it on each side, shrunk to fit the image if need
-    be; it is centred on the box and then shifted to lie inside the image. Shifting (rather than padding the outside
-    or clipping to a non-square region) keeps the face's aspect ratio without inventing pixels, and scored best on
-    wild-dev, where most photos are tight face crops.
-
-    Returns:
-        ``(x0, y0, x1, y1)`` with ``0 <= x0 < x1 <= width``, ``0 <= y0 < y1 <= height`` and ``x1 - x0 == y1 - y0``.
-    """
-    x, y, w, h = box
-    side = max(1, min(round(max(w, h) * (1.0 + 2.0 * margin)), width, height))
-    x0 = min(max(0, round(x + w / 2.0 - side / 2.0)), width - side)
-    y0 = min(max(0, round(y + h / 2.0 - side / 2.0)), height - side)
-    return x0, y0, x0 + side, y0 + side
 
 
 class Recognizer:
@@ -333,16 +189,11 @@ class Recognizer:
 
     def _classify_faces(self, faces: np.ndarray) -> np.ndarray:
         """uint8 N×S×S → probabilities, normalised as in training: ``(x/255 - mean) / std``."""
-        m = self.meta
+        from ferkit.preprocess import Preprocess
+
         if len(faces) == 0:
             return np.zeros((0, len(self.classes)), np.float32)
-        out = []
+        pre, out = Preprocess.of(self.meta), []
         for i in range(0, len(faces), MAX_CLASSIFY_BATCH):
-            x = faces[i:i + MAX_CLASSIFY_BATCH].astype(np.float32)
-            x *= np.float32(1.0 / (255.0 * m.std))
-            x -= np.float32(m.mean / m.std)
-            x = x[:, None]
-            if m.in_chans != 1:
-                x = np.repeat(x, m.in_chans, axis=1)
-            out.append(self.runtime.probs(x))
+            out.append(self.runtime.probs(pre.numpy(faces[i:i + MAX_CLASSIFY_BATCH])))
         return np.concatenate(out).astype(np.float32, copy=False)

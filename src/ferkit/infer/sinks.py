@@ -1,0 +1,87 @@
+"""Where results go: the table / JSON / JSONL / CSV writers of ``ferkit predict`` and annotated image copies."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ferkit.infer.sources import Unit
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FORMATS", "Writer", "save_annotated_image"]
+
+FORMATS = ("table", "json", "jsonl", "csv")
+
+
+class Writer:
+    """Streams one element per image/frame in the chosen format."""
+
+    def __init__(self, fmt: str, out: TextIO, classes: tuple[str, ...], files: list[str]) -> None:
+        self.fmt, self.out, self.classes = fmt, out, classes
+        self.n = 0
+        if fmt == "csv":
+            self.csv = csv.writer(out, lineterminator="\n")
+            self.csv.writerow(["file", "frame", "time", "x", "y", "w", "h", "label", "score", *classes])
+        elif fmt == "json":
+            out.write("[")
+        elif fmt == "table":
+            # Paths longer than the cap overflow their column (still readable) instead of widening every row.
+            self.fw = min(max([len(s) for s in files] + [4]) + 1, 100)
+            self.cw = max(7, *(len(c) + 1 for c in classes))
+            out.write(f"{'file':<{self.fw}} {'frame':>6} {'time':>8} {'face':>4}  {'box (x,y,w,h)':<21} "
+                      f"{'label':<{self.cw}} {'score':>6}" + "".join(f"{c:>{self.cw}}" for c in classes) + "\n")
+
+    def element(self, el: dict[str, Any]) -> None:
+        if self.fmt == "json":
+            self.out.write(("\n " if self.n == 0 else ",\n ") + json.dumps(el))
+        elif self.fmt == "jsonl":
+            self.out.write(json.dumps(el) + "\n")
+        elif self.fmt == "csv":
+            for f in el.get("faces", ()):
+                self.csv.writerow([el["file"], el.get("frame", ""), "" if el.get("time") is None else el["time"],
+                                   *f["box"], f["label"], f"{f['score']:.4f}",
+                                   *(f"{f['scores'][c]:.4f}" for c in self.classes)])
+        else:
+            self._table_rows(el)
+        self.n += 1
+        self.out.flush()
+
+    def _table_rows(self, el: dict[str, Any]) -> None:
+        frame = "" if el.get("frame") is None else str(el["frame"])
+        t = "" if el.get("time") is None else f"{el['time']:.2f}s"
+        lead = f"{el['file']:<{self.fw}} {frame:>6} {t:>8}"
+        if "error" in el:
+            self.out.write(f"{lead} {'-':>4}  error: {el['error']}\n")
+        elif not el["faces"]:
+            self.out.write(f"{lead} {'-':>4}  no face\n")
+        for k, f in enumerate(el.get("faces", ()), 1):
+            box = ",".join(str(v) for v in f["box"])
+            self.out.write(f"{lead} {k:>4}  {box:<21} {f['label']:<{self.cw}} {f['score']:>6.3f}"
+                           + "".join(f"{f['scores'][c]:>{self.cw}.3f}" for c in self.classes) + "\n")
+
+    def close(self) -> None:
+        if self.fmt == "json":
+            self.out.write("\n]\n" if self.n else "]\n")
+        self.out.flush()
+
+
+def save_annotated_image(plot: np.ndarray, unit: Unit, out_dir: Path) -> None:
+    from PIL import Image
+
+    rel = unit.save_as or Path(Path(unit.file).name)
+    if unit.frame is not None:
+        rel = rel.with_name(f"{rel.stem}_f{unit.frame:06d}.jpg")
+    path = out_dir / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.fromarray(plot)
+    try:
+        im.save(path)
+    except (ValueError, OSError, KeyError):  # a format Pillow reads but cannot write in RGB (or unknown suffix)
+        im.save(path.with_suffix(".png"))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ferkit.errors import ImageError
+from ferkit.errors import ImageError, UnknownNameError
 from ferkit.infer.detect import Detection, get_detector, list_detectors
 
 DATA = Path(__file__).parents[1].parent / "shared" / "data"
@@ -78,7 +78,7 @@ def test_unknown_detector_lists_valid_names() -> None:
         get_detector("yunett")
     for name in list_detectors():
         assert name in str(err.value)
-    assert "Did you mean 'yunet'" in str(err.value)
+    assert isinstance(err.value, UnknownNameError) and "did you mean 'yunet'" in str(err.value)
 
 
 def test_import_does_not_load_torch_or_detectors() -> None:

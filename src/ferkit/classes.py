@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable, Sequence
 
-from ferkit.errors import FerkitError
+from ferkit.errors import UnknownClassError  # noqa: F401  (re-exported: ferkit.classes.UnknownClassError)
 
 #: The seven FER2013 expressions in the order of the ``emotion`` column of ``fer2013.csv``.
 FER2013_CLASSES: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
@@ -33,10 +33,6 @@ SYNONYMS: dict[str, str] = {
     "normal": "neutral",
     "calm": "neutral",
 }
-
-
-class UnknownClassError(FerkitError, ValueError):
-    """A class name that is neither a FER2013 expression nor one of its synonyms."""
 
 
 def canonical(name: str) -> str | None:

@@ -7,17 +7,13 @@ import shutil
 import socket
 from pathlib import Path
 
-from ferkit.errors import FerkitError
+from ferkit.errors import DownloadError  # noqa: F401  (re-exported: ferkit.download.DownloadError)
 
 log = logging.getLogger(__name__)
 KAGGLE_DATASET = "msambare/fer2013"  # the FER2013 images as train/ and test/ folders of class folders
 MANUAL = ("download FER2013 by hand from Kaggle (dataset 'msambare/fer2013', or fer2013.csv from the 'Challenges in "
           "Representation Learning: Facial Expression Recognition Challenge') and put its train/ and test/ folders "
           "(or fer2013.csv) in {to}")
-
-
-class DownloadError(FerkitError):
-    """A dataset could not be downloaded."""
 
 
 def _online(host: str = "www.kaggle.com", port: int = 443, timeout: float = 5.0) -> bool:

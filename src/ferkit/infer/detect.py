@@ -13,7 +13,6 @@ detector ship inside its pip package; nothing is downloaded at run time. ``bench
 
 from __future__ import annotations
 
-import difflib
 import logging
 import threading
 from collections.abc import Callable
@@ -22,7 +21,7 @@ from typing import ClassVar, TypeVar
 
 import numpy as np
 
-from ferkit.errors import ImageError
+from ferkit.errors import ImageError, UnknownNameError
 
 __all__ = [
     "DEFAULT_DETECTOR",
@@ -287,14 +286,12 @@ def get_detector(name: str = DEFAULT_DETECTOR) -> Detector:
         name: One of ``list_detectors()`` (case-insensitive).
 
     Raises:
-        ValueError: Unknown name; the message lists the valid names and the closest match.
+        UnknownNameError: Unknown name; the message lists the valid names and the closest match.
         ImportError: The detector's package is not installed; the message names the ``pip install`` that fixes it.
     """
     key = str(name).strip().lower()
     if key not in _REGISTRY:
-        close = difflib.get_close_matches(key, list(_REGISTRY), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown detector {name!r}; valid names: {', '.join(list_detectors())}.{hint}")
+        raise UnknownNameError("detector", name, list_detectors())
     with _INSTANCES_LOCK:
         if key not in _INSTANCES:
             _INSTANCES[key] = _REGISTRY[key]()

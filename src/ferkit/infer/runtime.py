@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from ferkit.errors import ModelFileError
+from ferkit.errors import ConfigError, DeviceError, ModelFileError, UnknownNameError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -262,13 +262,16 @@ def make_runtime(model: str | os.PathLike, backend: str = "auto", *, device: str
     Raises:
         ModelFileError: ``model`` is missing or not a ferkit model.
         ImportError: ``backend="onnx"`` without onnxruntime, naming the ``pip install`` that fixes it.
-        ValueError: unknown backend, or an ONNX model with a CUDA device / the torch backend.
+        UnknownNameError: unknown backend.
+        ConfigError: an ONNX model with a CUDA device / the torch backend.
+        DeviceError: ``device`` is not on this machine.
     """
     prefer_passive_openmp()
     from ferkit.modelfile import resolve_model_path
 
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
+        raise UnknownNameError("backend", backend, BACKENDS)
+    check_device(device)
     path = resolve_model_path(model)
     is_onnx = path.suffix.lower() == ".onnx"
     on_cpu = str(device).startswith("cpu")
@@ -276,7 +279,7 @@ def make_runtime(model: str | os.PathLike, backend: str = "auto", *, device: str
         backend = "onnx" if on_cpu and (is_onnx or onnx_available()) else "torch"
     if is_onnx:
         if backend == "torch" or not on_cpu:
-            raise ValueError(
+            raise ConfigError(
                 f"{model}: an ONNX model runs only with backend 'onnx' on the CPU "
                 f"(use the .safetensors model file for backend='torch' or device='{device}')"
             )
@@ -284,9 +287,33 @@ def make_runtime(model: str | os.PathLike, backend: str = "auto", *, device: str
     if backend == "torch":
         return TorchRuntime(path, device=device)
     if not on_cpu:
-        raise ValueError(f"backend 'onnx' runs on the CPU only; use backend='torch' for device='{device}'")
+        raise ConfigError(f"backend 'onnx' runs on the CPU only; use backend='torch' for device='{device}'")
     _import_onnxruntime()  # fail with the install hint before spending time on loading and converting
     return _converted_onnx(path)
+
+
+def check_device(device: str) -> None:
+    """Refuse a device that is not there with one line (torch would raise a bare RuntimeError or AssertionError).
+
+    Raises:
+        DeviceError: not a device name torch knows, or a CUDA/MPS device this machine does not have.
+    """
+    if str(device).startswith("cpu"):
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"device '{device}': not a device name torch knows; use 'cpu' or 'cuda[:N]'") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise DeviceError(f"device '{device}': no CUDA device is available (use device='cpu')")
+        if dev.index is not None and dev.index >= n:
+            raise DeviceError(f"device '{device}': this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"device '{device}': MPS is not available here (use device='cpu')")
 
 
 def onnx_cache_dir() -> Path:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import difflib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch.nn as nn
 
-from ferkit.errors import FerkitError
+from ferkit.errors import ConfigError, PretrainedUnavailableError, UnknownNameError
 
 TIMM_PREFIX = "timm/"
 
@@ -53,16 +52,12 @@ def get_model_info(name: str) -> ModelInfo:
     """Return the registry entry for ``name``.
 
     Raises:
-        ValueError: unknown name, listing the valid names and the closest match.
+        UnknownNameError: unknown name, listing the valid names and the closest match.
     """
     _ensure_builtins()
     if name in _REGISTRY:
         return _REGISTRY[name]
-    close = difflib.get_close_matches(name.lower(), list(_REGISTRY), n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    raise ValueError(
-        f"unknown model '{name}' (built-in: {', '.join(sorted(_REGISTRY))}; or timm/<name> with timm installed){hint}"
-    )
+    raise UnknownNameError("model", name, sorted(_REGISTRY), note="or timm/<name> with timm installed")
 
 
 def create_model(name: str, *, num_classes: int, in_chans: int = 1, pretrained: bool = False) -> nn.Module:
@@ -79,18 +74,14 @@ def create_model(name: str, *, num_classes: int, in_chans: int = 1, pretrained: 
     members = ensemble_members(name)
     if members is not None:  # ensemble(a,b,...): built from its members' names (see ferkit.models.ensemble)
         if pretrained:
-            raise ValueError("an ensemble is built from trained members; --pretrained does not apply")
+            raise ConfigError("an ensemble is built from trained members; --pretrained does not apply")
         return Ensemble([create_model(m, num_classes=num_classes, in_chans=in_chans) for m in members])
     if name.startswith(TIMM_PREFIX):
         return _create_timm(name[len(TIMM_PREFIX) :], num_classes=num_classes, in_chans=in_chans, pretrained=pretrained)
     info = get_model_info(name)
     if pretrained:
-        raise ValueError(f"model '{name}' has no pretrained weights; --pretrained is for timm/<name> backbones")
+        raise ConfigError(f"model '{name}' has no pretrained weights; --pretrained is for timm/<name> backbones")
     return info.fn(num_classes=num_classes, in_chans=in_chans)
-
-
-class PretrainedUnavailableError(FerkitError, RuntimeError):
-    """ImageNet weights could not be fetched (typically: no network)."""
 
 
 def _create_timm(name: str, *, num_classes: int, in_chans: int, pretrained: bool) -> nn.Module:
@@ -99,9 +90,7 @@ def _create_timm(name: str, *, num_classes: int, in_chans: int, pretrained: bool
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("timm backbones need timm: pip install 'ferkit[train]' (or pip install timm)") from e
     if name not in timm.list_models() and name not in timm.list_pretrained():
-        close = difflib.get_close_matches(name, timm.list_models(), n=1)
-        hint = f"; did you mean 'timm/{close[0]}'?" if close else ""
-        raise ValueError(f"unknown timm model '{name}'{hint}")
+        raise UnknownNameError("timm model", name, timm.list_models(), prefix="timm/")
     if not pretrained:
         return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
     import os

@@ -7,15 +7,12 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ferkit.preprocess import Preprocess
+
 
 def to_float(x: torch.Tensor, size: int, mean: float, std: float) -> torch.Tensor:
-    """uint8 B×H×W (or B×1×H×W) → normalised float B×1×size×size."""
-    if x.dim() == 3:
-        x = x.unsqueeze(1)
-    x = x.float() / 255.0  # not in place: .float() of a float tensor is the caller's tensor
-    if x.shape[-1] != size or x.shape[-2] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return (x - mean) / std
+    """uint8 B×H×W (or B×1×H×W) → normalised float B×1×size×size (the contract in ``ferkit.preprocess``)."""
+    return Preprocess(size, mean, std).torch(x)
 
 
 def fer_augment(
@@ -89,18 +86,15 @@ class BatchAugment:
 
     def __init__(self, cfg, mean: float, std: float) -> None:  # noqa: ANN001 - TrainConfig, kept import-light
         self.cfg, self.mean, self.std = cfg, mean, std
+        self.pre = Preprocess(cfg.input_size, mean, std)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return (self.unit(x, generator) - self.mean) / self.std
+        return self.pre.normalise(self.unit(x, generator))
 
     def unit(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Augmented batch in [0, 1], before normalisation (distillation teachers normalise it their own way)."""
         c = self.cfg
-        if x.dim() == 3:
-            x = x.unsqueeze(1)
-        x = x.float() / 255.0
-        if x.shape[-1] != c.input_size:
-            x = F.interpolate(x, size=(c.input_size, c.input_size), mode="bilinear", align_corners=False)
+        x = self.pre.unit(x)
         if c.augment == "fer":
             x = fer_augment(
                 x,

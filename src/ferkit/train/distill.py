@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from ferkit.errors import ConfigError
 from ferkit.modelfile import ModelMeta, load_model, model_specs
+from ferkit.preprocess import Preprocess
 
 
 class Teachers(nn.Module):
@@ -34,10 +35,7 @@ class Teachers(nn.Module):
         """Log of the averaged tempered probabilities, restricted to the student's classes, for a [0,1] batch."""
         probs = 0
         for net, meta, idx in zip(self.nets, self.metas, self.index):
-            x = x01
-            if x.shape[-1] != meta.input_size:
-                x = F.interpolate(x, size=(meta.input_size,) * 2, mode="bilinear", align_corners=False)
-            z = net((x - meta.mean) / meta.std).float()[:, idx]
+            z = net(Preprocess.of(meta).normalise(x01)).float()[:, idx]
             probs = probs + F.softmax(z / temperature, dim=1)
         return torch.log(probs / len(self.nets) + 1e-8)
 

@@ -19,13 +19,14 @@ from ferkit.classes import FER2013_CLASSES, parse_classes
 from ferkit.config import TrainConfig
 from ferkit.data import find_dataset, load_split
 from ferkit.data.augment import BatchAugment
+from ferkit.preprocess import DEFAULT_MEAN, DEFAULT_STD
 from ferkit.errors import ConfigError, DatasetError
 from ferkit.evaluate import evaluate_probs, plot_curves, predict_probs, write_report
 from ferkit.modelfile import ModelMeta, save_model
 from ferkit.models import create_model
 
 log = logging.getLogger(__name__)
-MEAN, STD = 0.5, 0.25
+MEAN, STD = DEFAULT_MEAN, DEFAULT_STD  # ferkit.preprocess owns the normalisation
 
 
 #: Label of an unlabelled transfer image (distill_unlabeled): ignored by the hard-label loss and by accuracy.
@@ -104,7 +105,7 @@ def train_one_epoch(
             break
         j = idx[b * cfg.batch_size : (b + 1) * cfg.batch_size].to(images.device)
         x01 = augment.unit(images[j], generator=g)
-        x = (x01 - augment.mean) / augment.std
+        x = augment.pre.normalise(x01)
         y = labels[j]
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -23,6 +23,7 @@ __all__ = [
     "PretrainedUnavailableError",
     "UnknownClassError",
     "UnknownNameError",
+    "VideoError",
     "closest",
 ]
 
@@ -36,6 +37,10 @@ class FerkitError(Exception):
 
 class ImageError(FerkitError, ValueError):
     """An image that cannot be read: not an image, corrupt, truncated, empty, too large or not permitted."""
+
+
+class VideoError(FerkitError, ValueError):
+    """A video, webcam or folder of frames that cannot be read, or that stopped decoding part-way."""
 
 
 class DatasetError(FerkitError, ValueError):

@@ -6,9 +6,13 @@ Every test session gets its own decoded-image cache (``FERKIT_CACHE_DIR``), no p
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import shutil
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -135,3 +139,57 @@ def offline_hub() -> None:
             pytest.skip("the Hugging Face hub is reachable: this would download weights, not test the offline error")
     except OSError:
         pass
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _running_server(model: str | Path, log_path: Path, timeout: float = 120, env: dict[str, str] | None = None,
+                    **options: object) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``ferkit.serve.app.serve(**options)`` in its own process on a free loopback port, until the block ends.
+
+    Yields ``(base_url, process)`` once ``/healthz`` answers 200; the server's output goes to ``log_path``.
+    """
+    import httpx
+
+    port = _free_port()
+    opts = {"host": "127.0.0.1", "port": port, "model": str(model), "workers": 1, **options}
+    code = "from ferkit.serve.app import serve; serve(" + ", ".join(f"{k}={v!r}" for k, v in opts.items()) + ")"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
+            try:
+                if httpx.get(base + "/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not healthy within {timeout:.0f} s:\n{log_path.read_text()}")
+            time.sleep(0.3)
+        yield base, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@pytest.fixture(scope="session")
+def running_server() -> Callable[..., contextlib.AbstractContextManager[tuple[str, subprocess.Popen]]]:
+    """The one start-and-poll helper for real server processes: ``with running_server(model, log) as (url, proc):``
+    (keyword arguments are :class:`ferkit.serve.settings.ServeSettings` fields)."""
+    return _running_server

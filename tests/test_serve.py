@@ -7,11 +7,9 @@ import json
 import os
 import socket
 import struct
-import subprocess
-import sys
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -35,40 +33,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def start_server(model: Path, log_path: Path, **options: object) -> tuple[subprocess.Popen, str]:
-    """``ferkit.serve.app.serve`` in its own process on a free loopback port; returns once /healthz answers 200."""
-    port = free_port()
-    kwargs = ", ".join(
-        f"{k}={v!r}" for k, v in {"host": "127.0.0.1", "port": port, "model": str(model), **options}.items()
-    )
-    code = f"from ferkit.serve.app import serve; serve({kwargs})"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    log = log_path.open("wb")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
-        try:
-            if httpx.get(base + "/healthz", timeout=2).status_code == 200:
-                return proc, base
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError(f"server did not become healthy in time:\n{log_path.read_text()}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
 
 
 def png_header_bomb(w: int, h: int) -> bytes:
@@ -99,7 +63,7 @@ def photos() -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+def server(tmp_path_factory: pytest.TempPathFactory, running_server: Callable) -> Iterator[tuple[str, Path]]:
     d = tmp_path_factory.mktemp("serve")
     torch.manual_seed(0)
     model = save_model(
@@ -108,13 +72,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
         ModelMeta(arch="fastcnn", classes=CLASSES, metrics={"accuracy": 0.5, "val_split": "validation"}),
     )
     log_path = d / "server.log"
-    proc, base = start_server(
-        model, log_path, max_upload_mb=UPLOAD_MB, max_concurrency=1, max_queue=0, access_log=False
-    )
-    try:
+    with running_server(model, log_path, max_upload_mb=UPLOAD_MB, max_concurrency=1, max_queue=0, access_log=False) \
+            as (base, _):
         yield base, log_path
-    finally:
-        stop_server(proc)
     log = log_path.read_text(errors="replace")
     assert "Traceback" not in log, log  # nothing a client sent made the server fail
 

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -41,14 +38,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def server(tmp_path_factory: pytest.TempPathFactory, running_server: Callable) -> Iterator[str]:
     d = tmp_path_factory.mktemp("webpage")
     torch.manual_seed(0)
     model = save_model(
@@ -56,40 +47,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         create_model("fastcnn", num_classes=3).eval(),
         ModelMeta(arch="fastcnn", classes=CLASSES, metrics={"accuracy": 0.5}),
     )
-    port = free_port()
-    code = (
-        f"from ferkit.serve.app import serve; serve(host='127.0.0.1', port={port}, model={str(model)!r}, "
-        f"max_upload_mb=2, access_log=False)"
-    )
-    log_path = d / "server.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", code],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited:\n{log_path.read_text()}")
-            try:
-                if httpx.get(base + "/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not healthy in time:\n{log_path.read_text()}")
-            time.sleep(0.3)
+    with running_server(model, d / "server.log", max_upload_mb=2, access_log=False) as (base, _):
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")

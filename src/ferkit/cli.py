@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from ferkit import __version__
-from ferkit.errors import FerkitError
+from ferkit.errors import ConfigError, FerkitError
 
 log = logging.getLogger("ferkit")
 
@@ -63,8 +64,20 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+#: The one exit-status rule of every command (shown by ``ferkit --help``); ``FerkitError.exit_code`` carries it.
+EXIT_CODES = """exit status (every command):
+  0    success
+  1    the command ran but something failed: an input could not be read (each is named on stderr and,
+       for predict, marked "error" in the output), a file could not be written, a check failed
+  2    the command was refused before doing any work: a bad command line, an unknown name, or a model,
+       data set, config, device or output folder that cannot be used
+  130  interrupted (Ctrl-C)
+  141  the output pipe was closed early (e.g. ferkit predict ... | head -1): stops quietly, like Unix tools"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ferkit", description="Facial expression recognition: train, recognise, serve.")
+    p = argparse.ArgumentParser(prog="ferkit", description="Facial expression recognition: train, recognise, serve.",
+                                epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"ferkit {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="more logging")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -111,10 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "present); ferkit: the dataset to score the packed model on (default: its training data)")
     x.add_argument("--opset", type=int, default=17)
 
-    from ferkit.serve.settings import add_arguments as add_serve_arguments  # light: the options, not the server
-
     s = sub.add_parser("serve", help="REST API and web page")
-    add_serve_arguments(s)  # every flag, its environment variable and its help come from ServeSettings
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--model", default="fer3")
+    s.add_argument("--workers", type=int, default=None,
+                   help="server processes (default: one per CPU, at most 4; one process is bound by the GIL)")
+    s.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"])
+    s.add_argument("--max-upload-mb", type=float, default=10.0)
 
     m = sub.add_parser("models", help="list bundled models (and architectures)")
     m.add_argument("--json", action="store_true")
@@ -137,7 +154,7 @@ def _train_overrides(a: argparse.Namespace) -> dict[str, Any]:
             ov[key] = getattr(a, key)
     for item in a.set:
         if "=" not in item:
-            raise FerkitError(f"--set {item}: expected KEY=VALUE")
+            raise ConfigError(f"--set {item}: expected KEY=VALUE")
         k, v = item.split("=", 1)
         ov[k.strip()] = v.strip()
     return ov
@@ -257,12 +274,10 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    from ferkit.serve.settings import from_arguments
-
-    settings = from_arguments(a)  # a bad value or FERKIT_SERVE_* variable: one line, before importing the server
     from ferkit.serve.app import serve
 
-    serve(settings)
+    workers = a.workers or max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+    serve(host=a.host, port=a.port, model=a.model, workers=workers, backend=a.backend, max_upload_mb=a.max_upload_mb)
     return 0
 
 
@@ -346,15 +361,45 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    except FerkitError as e:
-        print(f"ferkit: error: {e}", file=sys.stderr)
-        return 2 if a.command in ("train", "distill", "evaluate") else 1
-    except ImportError as e:
-        print(f"ferkit: error: {e}", file=sys.stderr)
+    except BrokenPipeError:
+        return _broken_pipe()
+    except FerkitError as e:  # only ferkit's own errors are one line: any other exception is a bug, with traceback
+        _error(str(e))
+        return e.exit_code
+    except ImportError as e:  # a missing extra: the message names the pip install that fixes it
+        _error(str(e))
         return 1
-    except ValueError as e:  # e.g. unknown architecture from the registry
-        print(f"ferkit: error: {e}", file=sys.stderr)
-        return 2
+    except OSError as e:  # the environment: permissions, full disk, a vanished file
+        _error(_os_error_message(e))
+        return 1
+
+
+def _error(message: str) -> None:
+    try:
+        print(f"ferkit: error: {message}", file=sys.stderr)
+    except (BrokenPipeError, OSError):  # stderr closed too: nothing left to tell
+        pass
+
+
+def _os_error_message(e: OSError) -> str:
+    """``PATH: permission denied`` rather than ``[Errno 13] Permission denied: 'PATH'``."""
+    what = (e.strerror or type(e).__name__).lower() if e.strerror else str(e)
+    where = e.filename if e.filename is not None else None
+    return f"{where}: {what}" if where is not None else what
+
+
+def _broken_pipe() -> int:
+    """The reader went away (``| head -1``): stop quietly with 141 (128 + SIGPIPE, what a shell reports for Unix
+    tools killed by it). stdout is pointed at /dev/null so the interpreter's final flush cannot fail again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # in-process callers (tests) may hold a stdout without a descriptor
+        pass
+    return 141
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -124,14 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "present); ferkit: the dataset to score the packed model on (default: its training data)")
     x.add_argument("--opset", type=int, default=17)
 
+    from ferkit.serve.settings import add_arguments as add_serve_arguments  # light: the options, not the server
+
     s = sub.add_parser("serve", help="REST API and web page")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--model", default="fer3")
-    s.add_argument("--workers", type=int, default=None,
-                   help="server processes (default: one per CPU, at most 4; one process is bound by the GIL)")
-    s.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"])
-    s.add_argument("--max-upload-mb", type=float, default=10.0)
+    add_serve_arguments(s)  # every flag, its environment variable and its help come from ServeSettings
 
     m = sub.add_parser("models", help="list bundled models (and architectures)")
     m.add_argument("--json", action="store_true")
@@ -274,10 +269,12 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
+    from ferkit.serve.settings import from_arguments
+
+    settings = from_arguments(a)  # a bad value or FERKIT_SERVE_* variable: one line, before importing the server
     from ferkit.serve.app import serve
 
-    workers = a.workers or max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
-    serve(host=a.host, port=a.port, model=a.model, workers=workers, backend=a.backend, max_upload_mb=a.max_upload_mb)
+    serve(settings)
     return 0
 
 

@@ -256,13 +256,13 @@ def test_exported_onnx_file_loads(model_file: Path, rec: Recognizer, scene: tupl
 def test_converted_onnx_is_cached_by_content(model_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                              scene: tuple) -> None:
     pytest.importorskip("onnxruntime")
-    from ferkit.infer import runtime
+    from ferkit import export
 
     monkeypatch.setenv("FERKIT_CACHE_DIR", str(tmp_path))
     first = Recognizer(model_file, backend="onnx")
     cached = list((tmp_path / "onnx").glob("*.onnx"))
     assert len(cached) == 1
-    monkeypatch.setattr(runtime, "to_onnx_bytes", lambda *a, **k: pytest.fail("converted again despite the cache"))
+    monkeypatch.setattr(export, "onnx_bytes", lambda *a, **k: pytest.fail("converted again despite the cache"))
     again = Recognizer(model_file, backend="onnx")
     assert again.predict(scene[0])[0].scores == pytest.approx(first.predict(scene[0])[0].scores, abs=1e-6)
     monkeypatch.undo()

@@ -13,6 +13,7 @@ are there for readers that do not know ferkit.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -21,23 +22,35 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
-from ferkit.errors import DatasetError, FerkitError
-from ferkit.modelfile import META_KEY, ModelMeta, load_model
+from ferkit._extras import require
+
+require("torch", what="ONNX export")
+import torch  # noqa: E402  (after the check that names the extra)
+from torch import nn  # noqa: E402
+
+from ferkit.errors import DatasetError, ExportError  # noqa: E402, F401  (ExportError: re-exported)
+from ferkit.fsutil import atomic_path  # noqa: E402
+from ferkit.modelfile import (  # noqa: E402
+    META_KEY,
+    ONNX_INPUT,
+    ONNX_OUTPUT,
+    ONNX_OUTPUT_KIND,
+    SOURCE_DIGEST_KEY,
+    ModelMeta,
+    file_digest,
+    load_model,
+    read_meta,
+    resolve_model_path,
+)
 
 log = logging.getLogger(__name__)
 
-INPUT_NAME = "input"
-OUTPUT_NAME = "probs"
-OUTPUT_KIND = "probabilities"
+INPUT_NAME = ONNX_INPUT
+OUTPUT_NAME = ONNX_OUTPUT
+OUTPUT_KIND = ONNX_OUTPUT_KIND
 #: The largest max-abs difference in probability between PyTorch and ONNX Runtime that passes the parity check.
 PARITY_TOLERANCE = 1e-4
-
-
-class ExportError(FerkitError, RuntimeError):
-    """The ONNX export failed, or the exported model does not match the PyTorch model."""
 
 
 class _WithSoftmax(nn.Module):
@@ -93,12 +106,70 @@ def _parity_faces(meta: ModelMeta, data: str | os.PathLike | None, n: int) -> tu
 
 
 def _to_input(faces: np.ndarray, meta: ModelMeta) -> np.ndarray:
-    from ferkit.data.augment import to_float
+    from ferkit.preprocess import Preprocess
 
-    x = to_float(torch.as_tensor(faces), meta.input_size, meta.mean, meta.std)
-    if meta.in_chans != 1:
-        x = x.expand(-1, meta.in_chans, -1, -1)
-    return np.ascontiguousarray(x.numpy(), dtype=np.float32)
+    return Preprocess.of(meta).numpy(faces)
+
+
+def onnx_bytes(net: nn.Module, meta: ModelMeta, *, opset: int = 17, source_digest: str = "",
+               label: str = "") -> bytes:
+    """The network as a checked ONNX graph (softmax inside, dynamic batch axis) with ferkit's metadata, in memory.
+
+    The only place ferkit turns a network into ONNX: ``export_onnx`` writes it to a file after a parity check, the
+    runtime converts user models that have no ONNX sibling with it, and bundling writes the siblings through
+    ``write_sibling``.
+
+    Args:
+        net: the network (taken to float32, eval mode).
+        meta: its metadata, stored as JSON under the key ``"ferkit"`` plus plain keys for other readers.
+        opset: the ONNX opset.
+        source_digest: SHA-256 of the model file the weights came from (``SOURCE_DIGEST_KEY``), so a stale ONNX
+            sibling can be told from a current one.
+        label: how error messages name the model (default its name or architecture).
+
+    Raises:
+        ExportError: the exporter cannot trace the network, or the graph fails ``onnx.checker``.
+        ImportError: the ``onnx`` package is missing.
+    """
+    onnx = require("onnx", what="ONNX export")
+    label = label or meta.name or meta.arch
+    wrapped = _WithSoftmax(net.float().eval()).eval()
+    s = meta.input_size
+    buf = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
+            torch.onnx.export(wrapped, (torch.zeros(2, meta.in_chans, s, s),), buf, input_names=[INPUT_NAME],
+                              output_names=[OUTPUT_NAME],
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                              opset_version=opset, do_constant_folding=True, dynamo=False)
+    except Exception as e:
+        raise ExportError(f"{label}: ONNX export failed at opset {opset}: {type(e).__name__}: {e}") from e
+    proto = onnx.load_from_string(buf.getvalue())
+    props = {
+        META_KEY: meta.to_json(),
+        "classes": json.dumps(list(meta.classes)),
+        "input_size": str(s),
+        "in_chans": str(meta.in_chans),
+        "mean": repr(float(meta.mean)),
+        "std": repr(float(meta.std)),
+        "output": OUTPUT_KIND,
+    }
+    if source_digest:
+        props[SOURCE_DIGEST_KEY] = source_digest
+    del proto.metadata_props[:]
+    for k, v in props.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    proto.producer_name = "ferkit"
+    proto.doc_string = (f"ferkit {meta.arch} ({', '.join(meta.classes)}): input '{INPUT_NAME}' N×{meta.in_chans}"
+                        f"×{s}×{s} normalised (x/255-{meta.mean})/{meta.std}; output '{OUTPUT_NAME}' N×"
+                        f"{len(meta.classes)} probabilities")
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as e:
+        raise ExportError(f"{label}: exported graph fails onnx.checker: {e}") from e
+    return proto.SerializeToString()
 
 
 def export_onnx(model: str, out: str, *, data: str | None = None, opset: int = 17,
@@ -121,55 +192,19 @@ def export_onnx(model: str, out: str, *, data: str | None = None, opset: int = 1
         ExportError: the export fails, the exported graph is invalid, or parity exceeds ``PARITY_TOLERANCE``.
         ImportError: onnx or onnxruntime are not installed.
     """
-    try:
-        import onnx
-        import onnxruntime as ort
-    except ImportError as e:
-        raise ImportError(f"ONNX export needs onnx and onnxruntime: pip install 'ferkit[onnx]' ({e})") from None
-
-    net, meta = load_model(model)
+    ort = require("onnxruntime", "train", what="the ONNX parity check")
+    path = resolve_model_path(model)
+    net, meta = load_model(path, meta=read_meta(path))
     net = net.float().eval()
     wrapped = _WithSoftmax(net).eval()
     out_path = Path(out)
     if out_path.suffix.lower() != ".onnx":
         out_path = out_path.with_name(out_path.name + ".onnx")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
     s = meta.input_size
-    try:
-        dummy = torch.zeros(2, meta.in_chans, s, s)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
-                torch.onnx.export(wrapped, (dummy,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                  dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                                  opset_version=opset, do_constant_folding=True, dynamo=False)
-        except Exception as e:
-            raise ExportError(f"{model}: ONNX export failed at opset {opset}: {type(e).__name__}: {e}") from e
-
-        proto = onnx.load(str(tmp))
-        props = {
-            META_KEY: meta.to_json(),
-            "classes": json.dumps(list(meta.classes)),
-            "input_size": str(s),
-            "in_chans": str(meta.in_chans),
-            "mean": repr(float(meta.mean)),
-            "std": repr(float(meta.std)),
-            "output": OUTPUT_KIND,
-        }
-        del proto.metadata_props[:]
-        for k, v in props.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = k, v
-        proto.producer_name = "ferkit"
-        proto.doc_string = (f"ferkit {meta.arch} ({', '.join(meta.classes)}): input '{INPUT_NAME}' N×{meta.in_chans}"
-                            f"×{s}×{s} normalised (x/255-{meta.mean})/{meta.std}; output '{OUTPUT_NAME}' N×"
-                            f"{len(meta.classes)} probabilities")
-        try:
-            onnx.checker.check_model(proto, full_check=True)
-        except Exception as e:
-            raise ExportError(f"{model}: exported graph fails onnx.checker: {e}") from e
-        onnx.save(proto, str(tmp))
+    # Written under a temporary name and renamed only once the parity check passed: a failed export leaves nothing.
+    with atomic_path(out_path) as tmp:
+        tmp.write_bytes(onnx_bytes(net, meta, opset=opset, source_digest=file_digest(path), label=str(model)))
 
         faces, source = _parity_faces(meta, data, parity_images)
         if faces is None:
@@ -196,7 +231,19 @@ def export_onnx(model: str, out: str, *, data: str | None = None, opset: int = 1
         if not passed:
             raise ExportError(f"{model}: ONNX parity failed: max |Δp| = {max_diff:.3g} over {len(x)} inputs "
                               f"(tolerance {PARITY_TOLERANCE:g}); {out_path} not written")
-        os.replace(tmp, out_path)
-        return result
-    finally:
-        tmp.unlink(missing_ok=True)
+    return result
+
+
+def write_sibling(model: str | os.PathLike, *, data: str | None = None) -> dict[str, Any]:
+    """Write the ONNX sibling of a ``.safetensors`` model file (``fer3.safetensors`` → ``fer3.onnx``), parity-checked.
+
+    Bundled models ship with theirs so that inference never converts at first use and needs no torch; call this
+    whenever a bundled model file is written or its metadata changes (``scripts/bundle_model.py`` does).
+
+    Raises:
+        ExportError: ``model`` is not a ``.safetensors`` file, or the export fails its checks.
+    """
+    path = resolve_model_path(model)
+    if path.suffix.lower() != ".safetensors":
+        raise ExportError(f"{model}: an ONNX sibling is made from a .safetensors model file")
+    return export_onnx(str(path), str(path.with_suffix(".onnx")), data=data)

@@ -16,6 +16,13 @@ if TYPE_CHECKING:  # torch is imported where weights are read or written, so rea
 FORMAT = "ferkit-model/1"
 META_KEY = "ferkit"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+#: The ONNX graph's input and output names and what the output holds (softmax is inside the graph).
+ONNX_INPUT = "input"
+ONNX_OUTPUT = "probs"
+ONNX_OUTPUT_KIND = "probabilities"
+#: ONNX metadata key holding the SHA-256 of the model file the graph was exported from: an ONNX sibling whose
+#: digest differs from its ``.safetensors`` file is stale and never used.
+SOURCE_DIGEST_KEY = "source_sha256"
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,34 @@ def resolve_model_path(spec: str | os.PathLike) -> Path:
     raise ModelFileError(f"{s}: no such model file, run directory or bundled model (bundled: {names})")
 
 
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a model file's bytes: weights and metadata, so a sibling made before either changed is stale.
+
+    Raises:
+        ModelFileError: the file cannot be read.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    except OSError as e:
+        raise ModelFileError(f"{path}: cannot read the model file ({e.strerror or e})") from None
+    return h.hexdigest()
+
+
+def onnx_sibling(path: str | os.PathLike) -> Path | None:
+    """The ``.onnx`` file beside a ``.safetensors`` model file (``weights/fer3.onnx`` for ``fer3``), if there is one.
+
+    Whether it matches the weights is for the caller to check against :data:`SOURCE_DIGEST_KEY`.
+    """
+    p = Path(path)
+    sib = p.with_suffix(".onnx")
+    return sib if p.suffix.lower() == ".safetensors" and sib.is_file() else None
+
+
 def read_meta(path: str | os.PathLike) -> ModelMeta:
     """Read only the metadata of a model file (parses the safetensors header; imports no torch).
 
@@ -117,8 +152,14 @@ def read_meta(path: str | os.PathLike) -> ModelMeta:
         raise ModelFileError(f"{path}: damaged ferkit metadata ({e})") from None
 
 
-def load_model(path_or_name: str | os.PathLike, *, device: str = "cpu") -> tuple[nn.Module, ModelMeta]:
+def load_model(path_or_name: str | os.PathLike, *, device: str = "cpu",
+               meta: ModelMeta | None = None) -> tuple[nn.Module, ModelMeta]:
     """Load a ferkit model file (or bundled model, or run directory) without unpickling anything.
+
+    Args:
+        path_or_name: what to load.
+        device: where the weights go.
+        meta: the file's metadata when the caller has already read it (saves reading the header again).
 
     Returns:
         (network in eval mode, its metadata)
@@ -126,6 +167,9 @@ def load_model(path_or_name: str | os.PathLike, *, device: str = "cpu") -> tuple
     Raises:
         ModelFileError: the path is missing, not a ferkit model, or its weights do not fit its architecture.
     """
+    from ferkit._extras import require
+
+    require("torch", what="loading a model into PyTorch")
     from safetensors.torch import load_file
 
     from ferkit.models import create_model
@@ -133,7 +177,7 @@ def load_model(path_or_name: str | os.PathLike, *, device: str = "cpu") -> tuple
     p = resolve_model_path(path_or_name)
     if p.suffix.lower() == ".onnx":
         raise ModelFileError(f"{path_or_name}: an ONNX file; load it with Recognizer(model=...) or backend='onnx'")
-    meta = read_meta(p)
+    meta = meta or read_meta(p)
     try:
         net = create_model(meta.arch, num_classes=len(meta.classes), in_chans=meta.in_chans)
     except (ValueError, ImportError) as e:

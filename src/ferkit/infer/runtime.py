@@ -3,8 +3,10 @@
 ``TorchRuntime`` runs the ferkit model file in PyTorch (conv+BN fused, channels-last, inference mode);
 ``OnnxRuntime`` runs an ONNX graph in onnxruntime. On a CPU onnxruntime is the faster of the two for ferkit's small
 CNNs at every batch size (see ``benchmarks/infer_speed.json``), so ``make_runtime(backend="auto")`` picks it whenever
-onnxruntime is installed, converting a ``.safetensors`` model to ONNX in memory on first load and keeping the result
-in ``$FERKIT_CACHE_DIR/onnx`` (default ``~/.cache/ferkit/onnx``), keyed by the model file's content.
+onnxruntime is installed. A ``.safetensors`` model runs from its ONNX sibling (``fer3.onnx`` beside
+``fer3.safetensors``: every bundled model ships one) when the sibling's recorded digest matches the model file; a
+model without a current sibling is converted once by ``ferkit.export`` (needs torch) and the result kept in
+``$FERKIT_CACHE_DIR/onnx`` (default ``~/.cache/ferkit/onnx``), keyed by the model file's content.
 
     >>> rt = make_runtime("fer3")
     >>> p = rt.probs(x)          # x: float32 N×1×S×S, (pixels/255 - meta.mean) / meta.std
@@ -17,13 +19,10 @@ other work, spinning threads of torch and of YuNet's OpenMP runtime starve each 
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -40,11 +39,8 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "onnx")
 ONNX_INSTALL = "pip install 'ferkit[onnx]'"
-#: ONNX input/output names, the same as ``ferkit.export`` writes.
-INPUT_NAME = "input"
-OUTPUT_NAME = "probs"
 #: Bump when the conversion changes, so that stale cached ONNX files are not reused.
-ONNX_CACHE_VERSION = 1
+ONNX_CACHE_VERSION = 2
 
 
 class Runtime(Protocol):
@@ -91,7 +87,7 @@ class TorchRuntime:
     Args:
         model: a bundled model's name, a run directory or a ``.safetensors`` model file; or an ``nn.Module``
             together with ``meta``.
-        meta: the model's metadata when ``model`` is a module.
+        meta: the model's metadata: required with a module; with a path, saves reading the file's header again.
         device: ``"cpu"`` or a CUDA device.
     """
 
@@ -101,8 +97,9 @@ class TorchRuntime:
         self, model: str | os.PathLike | torch.nn.Module, meta: ModelMeta | None = None, *, device: str = "cpu"
     ) -> None:
         prefer_passive_openmp()
-        import torch
+        from ferkit._extras import require
 
+        torch = require("torch", what="backend 'torch'")
         from ferkit.modelfile import load_model
 
         if isinstance(model, torch.nn.Module):
@@ -110,7 +107,7 @@ class TorchRuntime:
                 raise ValueError("TorchRuntime(module) needs meta=ModelMeta(...)")
             net = model.eval().to(device)
         else:
-            net, meta = load_model(model, device=device)
+            net, meta = load_model(model, device=device, meta=meta)
         self.meta: ModelMeta = meta
         self.device = torch.device(device)
         self.fused = False
@@ -163,6 +160,8 @@ class OnnxRuntime:
         ort = _import_onnxruntime()
         from ferkit.modelfile import ModelMeta
 
+        from ferkit.modelfile import ONNX_OUTPUT, ONNX_OUTPUT_KIND
+
         label = "in-memory ONNX model" if isinstance(model, bytes) else str(model)
         so = ort.SessionOptions()
         env = os.environ.get("OMP_NUM_THREADS", "")
@@ -180,6 +179,8 @@ class OnnxRuntime:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelFileError(f"{label}: not an ONNX model onnxruntime can load ({first[:200]})") from None
         props = self.session.get_modelmeta().custom_metadata_map
+        #: The graph's metadata properties (``"ferkit"``, ``"source_sha256"``, …).
+        self.props: dict[str, str] = dict(props)
         if meta is None:
             if "ferkit" not in props:
                 raise ModelFileError(f"{label}: ONNX file without ferkit metadata (export it with 'ferkit export')")
@@ -191,7 +192,7 @@ class OnnxRuntime:
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         self.is_probs = (
-            props.get("output", "probabilities" if self.output_name == OUTPUT_NAME else "") == "probabilities"
+            props.get("output", ONNX_OUTPUT_KIND if self.output_name == ONNX_OUTPUT else "") == ONNX_OUTPUT_KIND
         )
 
     def probs(self, x: np.ndarray) -> np.ndarray:
@@ -217,46 +218,14 @@ def onnx_available() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None
 
 
-def to_onnx_bytes(net: torch.nn.Module, meta: ModelMeta, *, opset: int = 17) -> bytes:
-    """Serialise ``net`` (softmax appended, dynamic batch axis) to ONNX in memory.
-
-    The ferkit metadata is not embedded (that needs the ``onnx`` package); pass ``meta`` to ``OnnxRuntime``.
-    """
-    import torch
-
-    class WithSoftmax(torch.nn.Module):
-        def __init__(self, inner: torch.nn.Module) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.softmax(self.inner(x).float(), dim=1)
-
-    s = meta.input_size
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
-        torch.onnx.export(
-            WithSoftmax(net.float().eval()).eval(),
-            (torch.zeros(2, meta.in_chans, s, s),),
-            buf,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            opset_version=opset,
-            do_constant_folding=True,
-            dynamo=False,
-        )
-    return buf.getvalue()
-
-
 def make_runtime(model: str | os.PathLike, backend: str = "auto", *, device: str = "cpu") -> Runtime:
     """Load a model into the fastest available backend.
 
     Args:
         model: a bundled model's name, a run directory, a ``.safetensors`` model file or a ``.onnx`` file.
         backend: ``"onnx"``, ``"torch"`` or ``"auto"``: onnxruntime when it is installed and ``device`` is the CPU
-            (a ``.safetensors`` model is converted to ONNX in memory, and the conversion cached), else PyTorch.
+            (a ``.safetensors`` model runs from its ONNX sibling, or is converted once and the conversion cached),
+            else PyTorch.
         device: ``"cpu"`` or a CUDA device (PyTorch backend only).
 
     Raises:
@@ -267,7 +236,7 @@ def make_runtime(model: str | os.PathLike, backend: str = "auto", *, device: str
         DeviceError: ``device`` is not on this machine.
     """
     prefer_passive_openmp()
-    from ferkit.modelfile import resolve_model_path
+    from ferkit.modelfile import read_meta, resolve_model_path
 
     if backend not in BACKENDS:
         raise UnknownNameError("backend", backend, BACKENDS)
@@ -284,12 +253,13 @@ def make_runtime(model: str | os.PathLike, backend: str = "auto", *, device: str
                 f"(use the .safetensors model file for backend='torch' or device='{device}')"
             )
         return OnnxRuntime(path)
+    meta = read_meta(path)  # the one read of the model file's metadata; every backend below gets it
     if backend == "torch":
-        return TorchRuntime(path, device=device)
+        return TorchRuntime(path, meta, device=device)
     if not on_cpu:
         raise ConfigError(f"backend 'onnx' runs on the CPU only; use backend='torch' for device='{device}'")
     _import_onnxruntime()  # fail with the install hint before spending time on loading and converting
-    return _converted_onnx(path)
+    return _onnx_for(path, meta)
 
 
 def check_device(device: str) -> None:
@@ -321,18 +291,26 @@ def onnx_cache_dir() -> Path:
     return Path(os.environ.get("FERKIT_CACHE_DIR") or Path.home() / ".cache" / "ferkit") / "onnx"
 
 
-def _converted_onnx(path: Path) -> Runtime:
-    """A ``.safetensors`` model in onnxruntime: converted in memory on first use, then reused from a cache keyed by
-    the file's content (the conversion needs torch, which takes longer to import than the rest of ``ferkit predict``
-    takes to run)."""
-    from ferkit.modelfile import read_meta
+def _onnx_for(path: Path, meta: ModelMeta) -> Runtime:
+    """A ``.safetensors`` model in onnxruntime: its ONNX sibling when that was exported from this very file, else a
+    cached conversion keyed by the file's content, else a conversion now (needs torch; cached for next time)."""
+    from ferkit.modelfile import SOURCE_DIGEST_KEY, file_digest, onnx_sibling
 
-    meta = read_meta(path)
-    try:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:32]
-    except OSError as e:
-        raise ModelFileError(f"{path}: cannot read the model file ({e.strerror or e})") from None
-    cached = onnx_cache_dir() / f"{path.stem[:40]}-{digest}-v{ONNX_CACHE_VERSION}.onnx"
+    digest = file_digest(path)
+    sibling = onnx_sibling(path)
+    if sibling is not None:
+        try:
+            rt = OnnxRuntime(sibling, meta)
+        except ModelFileError as e:
+            log.warning("%s; ignoring it", e)
+        else:
+            if rt.props.get(SOURCE_DIGEST_KEY) == digest:
+                return rt
+            # A sibling left from other weights or metadata (a temperature recalibrated, a model re-bundled) would
+            # give other probabilities than the model file: never use it silently.
+            log.warning("%s was not exported from %s as it is now (its digest differs); ignoring it. Rewrite it "
+                        "with: ferkit export --model %s --format onnx --out %s", sibling, path, path, sibling)
+    cached = onnx_cache_dir() / f"{path.stem[:40]}-{digest[:32]}-v{ONNX_CACHE_VERSION}.onnx"
     if cached.is_file():
         try:
             return OnnxRuntime(cached, meta)
@@ -340,19 +318,25 @@ def _converted_onnx(path: Path) -> Runtime:
             log.info("%s: damaged cached conversion, converting again", cached)
             cached.unlink(missing_ok=True)
 
+    try:
+        from ferkit import export
+    except ImportError as e:
+        raise ImportError(f"{path}: no current ONNX file beside it, and converting one needs torch ({e}); or "
+                          f"export it where torch is installed: ferkit export --model {path} --format onnx") from None
+    from ferkit.errors import ExportError
     from ferkit.modelfile import load_model
 
-    net, meta = load_model(path)
+    net, meta = load_model(path, meta=meta)
     try:
-        data = to_onnx_bytes(net, meta)
-    except Exception as e:  # noqa: BLE001  (an architecture the exporter cannot trace still runs in torch)
-        log.warning("%s: ONNX conversion failed (%s: %s); using the torch backend", path, type(e).__name__, e)
+        data = export.onnx_bytes(net, meta, source_digest=digest, label=str(path))
+    except ExportError as e:  # an architecture the exporter cannot trace still runs in torch
+        log.warning("%s; using the torch backend", e)
         return TorchRuntime(net, meta)
     try:
+        from ferkit.fsutil import atomic_write_bytes
+
         cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, cached)
+        atomic_write_bytes(cached, data)
     except OSError as e:  # a read-only home or full disk only costs the conversion next time
         log.debug("not caching the ONNX conversion in %s: %s", cached.parent, e)
     return OnnxRuntime(data, meta)

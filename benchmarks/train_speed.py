@@ -15,6 +15,11 @@ Measures:
     validate the folders), ``cold`` (decode every JPEG into the uint8 cache, with an empty ``FERKIT_CACHE_DIR``) and
     ``cached`` (find + load both splits from that cache, what every later run pays).
 
+Also recorded: which CPU ran (model, family, clock, the matrix/vector features torch can use), which oneDNN kernels
+the training step ran (``ONEDNN_VERBOSE=1`` in a subprocess: e.g. ``brg_conv_fwd:avx512_core_bf16`` or
+``..._amx_bf16``), and the achieved TFLOP/s of each step (FLOPs of forward + backward counted by
+``torch.utils.flop_counter``) against the CPU's nominal peak (cores × clock × FLOPs per cycle of the widest unit).
+
 Prints a table and writes ``train_speed.json`` next to this script (``--out`` elsewhere). Other processes on the
 machine slow every number: the load average is recorded with the results.
 """
@@ -88,6 +93,89 @@ def bench_model(name: str, *, device: str, batch_size: int, steps: int, warmup: 
     }
 
 
+def step_flops(name: str, batch_size: int) -> int:
+    """FLOPs of one forward + backward of ``name`` at batch ``batch_size`` (convolutions and matmuls; torch counts)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ferkit.models import create_model
+
+    net = create_model(name, num_classes=7)
+    x = torch.randn(batch_size, 1, 48, 48)
+    with FlopCounterMode(display=False) as fc:
+        net(x).sum().backward()
+    return int(fc.get_total_flops())
+
+
+# FLOPs per cycle per core of the widest unit the CPU has, by ISA. Zen 5 (family 26) runs 512-bit ops at full width
+# on two FMA pipes; Zen 4 double-pumps 256-bit ones; Intel AMX does 1,024 bf16 multiply-adds a cycle per core.
+# Nominal figures from the vendors' optimisation guides: the peak the table compares against, not a measurement.
+PEAK_FLOPS_PER_CYCLE = {
+    "amx_bf16": {"bf16": 2048, "32": 64},
+    "avx512_bf16_zen5": {"bf16": 128, "32": 64},
+    "avx512_bf16": {"bf16": 64, "32": 32},
+    "avx512f": {"bf16": 64, "32": 64},
+    "avx2": {"bf16": 32, "32": 32},
+}
+
+
+def cpu_info() -> dict:
+    """The CPU as /proc/cpuinfo and torch see it, and the nominal peak FLOP/s of all its cores."""
+    info: dict = {"cpus": os.cpu_count(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    first = text.split("\n\n")[0]
+    kv = dict(line.split(":", 1) for line in first.splitlines() if ":" in line)
+    kv = {k.strip(): v.strip() for k, v in kv.items()}
+    flags = set(kv.get("flags", "").split())
+    wanted = ["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8"]
+    info.update(model=kv.get("model name"), vendor=kv.get("vendor_id"), family=kv.get("cpu family"),
+                model_number=kv.get("model"), mhz=float(kv.get("cpu MHz", 0) or 0),
+                features=[f for f in wanted if f in flags])
+    if "amx_bf16" in flags:
+        isa = "amx_bf16"
+    elif "avx512_bf16" in flags:
+        zen5 = kv.get("vendor_id") == "AuthenticAMD" and kv.get("cpu family") == "26"
+        isa = "avx512_bf16_zen5" if zen5 else "avx512_bf16"
+    elif "avx512f" in flags:
+        isa = "avx512f"
+    else:
+        isa = "avx2"
+    ghz = info["mhz"] / 1000
+    info["peak_basis"] = isa
+    cores = os.cpu_count() or 1
+    info["peak_tflops"] = {p: round(cores * ghz * f / 1000, 3) for p, f in PEAK_FLOPS_PER_CYCLE[isa].items()}
+    info["peak_note"] = ("nominal: logical CPUs × the reported clock × FLOPs/cycle of " + isa + "; two logical CPUs "
+                         "may be hyperthreads of one core, which would halve the real peak")
+    return info
+
+
+def onednn_kernels(name: str, precision: str, batch_size: int = 64) -> list[str]:
+    """The oneDNN primitive implementations one training step of ``name`` runs (ONEDNN_VERBOSE=1, a subprocess)."""
+    import subprocess
+
+    code = (
+        "import torch\n"
+        "from ferkit.models import create_model\n"
+        f"net = create_model({name!r}, num_classes=7).to(memory_format=torch.channels_last)\n"
+        f"x = torch.randn({batch_size}, 1, 48, 48).to(memory_format=torch.channels_last)\n"
+        f"with torch.autocast('cpu', dtype=torch.bfloat16, enabled={precision == 'bf16'}):\n"
+        "    y = net(x).float().sum()\n"
+        "y.backward()\n"
+    )
+    env = dict(os.environ, ONEDNN_VERBOSE="1", DNNL_VERBOSE="1")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    kernels = set()
+    for line in r.stdout.splitlines():
+        parts = line.split(",")
+        # onednn_verbose,v1,primitive,exec,cpu,convolution,brg_conv_fwd:avx512_core_bf16,forward_training,...
+        if len(parts) > 7 and parts[0] == "onednn_verbose" and "exec" in parts:
+            i = parts.index("exec")
+            kernels.add(f"{parts[i + 2]}:{parts[i + 3]}" if len(parts) > i + 3 else parts[i + 2])
+    return sorted(kernels)
+
+
 def bench_data(root: Path) -> dict:
     """Seconds to find, decode (cold cache) and reload (warm cache) both splits of a dataset, all seven classes."""
     from ferkit.classes import parse_classes
@@ -156,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         print("train_speed: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
     gpu = a.device == "cuda"
+    cpu = cpu_info()
     load0 = os.getloadavg()
     rows = []
     default_threads = torch.get_num_threads()
@@ -167,6 +256,14 @@ def main(argv: list[str] | None = None) -> int:
                 r = bench_model(name, device=a.device, batch_size=a.batch_size, steps=steps,
                                 warmup=a.warmup or (10 if gpu else 1), precision=precision)
                 r["threads"], r["precision"] = threads, precision
+                flops = step_flops(name, a.batch_size)
+                r["gflop_per_step"] = round(flops / 1e9, 2)
+                r["achieved_tflops"] = round(flops / (r["ms_per_step"] / 1000) / 1e12, 4)
+                peak = cpu["peak_tflops"].get(precision if precision in ("bf16", "32") else "32") if cpu.get(
+                    "peak_tflops") else None
+                r["share_of_peak"] = round(r["achieved_tflops"] / peak, 3) if peak else None
+                if not gpu:
+                    r["onednn_kernels"] = onednn_kernels(name, precision)
                 rows.append(r)
                 print(
                     f"{r['model']:<14}{threads:>3} thr {precision:>5}{r['images_per_second']:>10.1f} img/s"
@@ -184,12 +281,19 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(f"training throughput on {a.device}, batch {a.batch_size}, 48×48")
-    print(f"{'model':<14}{'params':>10}{'threads':>9}{'precision':>10}{'images/s':>12}{'ms/step':>10}")
+    print(f"CPU: {cpu.get('model')} (family {cpu.get('family')}, {cpu.get('mhz')} MHz, "
+          f"{', '.join(cpu.get('features', []))}); nominal peak {cpu.get('peak_tflops')} TFLOP/s "
+          f"({cpu.get('peak_basis')})")
+    print(f"{'model':<14}{'params':>10}{'threads':>9}{'precision':>10}{'images/s':>12}{'ms/step':>10}"
+          f"{'TFLOP/s':>10}{'of peak':>9}")
     for r in rows:
+        share = f"{100 * r['share_of_peak']:.1f}%" if r.get("share_of_peak") is not None else "-"
         print(
             f"{r['model']:<14}{r['params_m']:>8.2f} M{r['threads']:>9}{r['precision']:>10}"
-            f"{r['images_per_second']:>12.1f}{r['ms_per_step']:>10.1f}"
+            f"{r['images_per_second']:>12.1f}{r['ms_per_step']:>10.1f}{r['achieved_tflops']:>10.3f}{share:>9}"
         )
+        if r.get("onednn_kernels"):
+            print(f"{'':<14}oneDNN: {', '.join(r['onednn_kernels'])}")
     if data:
         print()
         print(f"dataset start-up: {data['data']} ({data['images']} images, 7 classes, train + validation)")
@@ -217,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             "processes than cores, two torch threads can be several times slower than one (threads wait for each other "
             "at every operator), hence the per-thread-count rows"
         ),
+        "cpu_info": cpu,
         "models": rows,
         "data": data,
     }

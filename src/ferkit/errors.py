@@ -18,6 +18,8 @@ __all__ = [
     "ExportError",
     "FerkitError",
     "ImageError",
+    "ImageTooLargeError",
+    "ImageTooSmallError",
     "ModelFileError",
     "OutputError",
     "PretrainedUnavailableError",
@@ -41,6 +43,14 @@ class ImageError(FerkitError, ValueError):
 
 class VideoError(FerkitError, ValueError):
     """A video, webcam or folder of frames that cannot be read, or that stopped decoding part-way."""
+
+
+class ImageTooLargeError(ImageError):
+    """An image over a size limit (bytes or pixels); the server answers 413."""
+
+
+class ImageTooSmallError(ImageError):
+    """An image too small to hold a face; the server answers 422."""
 
 
 class DatasetError(FerkitError, ValueError):

@@ -11,7 +11,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps
 
-from ferkit.errors import ImageError
+from ferkit.errors import ImageError, ImageTooLargeError
 
 #: Images above this many pixels are refused before decoding (a 30000×30000 JPEG would need 2.7 GB as RGB).
 MAX_PIXELS = int(os.environ.get("FERKIT_MAX_PIXELS", str(64_000_000)))
@@ -45,12 +45,12 @@ def _open(source: str | os.PathLike | bytes | bytearray, name: str, max_pixels: 
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(fp)  # type: ignore[arg-type]
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"{name}: image too large (over {max_pixels:,} pixels)") from None
+        raise ImageTooLargeError(f"{name}: image too large (over {max_pixels:,} pixels)") from None
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError … on bad data
         raise ImageError(f"{name}: cannot identify image file ({type(e).__name__})") from None
     w, h = im.size
     if w * h > max_pixels:
-        raise ImageError(f"{name}: image too large ({w}×{h} = {w * h:,} pixels; the limit is {max_pixels:,})")
+        raise ImageTooLargeError(f"{name}: image too large ({w}×{h} = {w * h:,} pixels; the limit is {max_pixels:,})")
     try:
         im.load()
     except Exception as e:
@@ -102,7 +102,7 @@ def load_image(source: ImageInput, *, name: str | None = None, max_pixels: int =
     if isinstance(source, Image.Image):
         label = name or "PIL image"
         if source.size[0] * source.size[1] > max_pixels:
-            raise ImageError(f"{label}: image too large ({source.size[0]}×{source.size[1]})")
+            raise ImageTooLargeError(f"{label}: image too large ({source.size[0]}×{source.size[1]})")
         return np.asarray(to_rgb_or_gray(source, label))
     if isinstance(source, (bytes, bytearray)):
         label = name or "uploaded bytes"

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ferkit.errors import ImageError
+from ferkit.errors import ImageError, ImageTooSmallError
 from ferkit.images import ImageInput, load_image, resize_face
 from ferkit.infer.detect import DEFAULT_DETECTOR, Detector, get_detector
 from ferkit.infer.results import CROP_MARGIN, Face, Results, crop_box, draw_faces
@@ -128,17 +128,23 @@ class Recognizer:
     # -- building blocks (used by ``ferkit predict`` and the server) ------------------------------------------------
 
     @staticmethod
-    def load(source: ImageInput, name: str | None = None) -> np.ndarray:
+    def load(source: ImageInput, name: str | None = None, *, max_pixels: int | None = None) -> np.ndarray:
         """``load_image`` plus the minimum-size check: uint8 H×W or H×W×3 RGB.
 
+        Args:
+            max_pixels: refuse larger images before decoding them (default: ``ferkit.images.MAX_PIXELS``).
+
         Raises:
-            ImageError: unreadable, too large, or smaller than ``MIN_IMAGE_SIDE`` on a side.
+            ImageTooLargeError: over ``max_pixels``.
+            ImageTooSmallError: smaller than ``MIN_IMAGE_SIDE`` on a side.
+            ImageError: unreadable.
         """
-        arr = load_image(source, name=name)
+        arr = load_image(source, name=name) if max_pixels is None else load_image(source, name=name,
+                                                                                    max_pixels=max_pixels)
         h, w = arr.shape[:2]
         if min(h, w) < MIN_IMAGE_SIDE:
             label = name or (os.fspath(source) if isinstance(source, (str, os.PathLike)) else "image")
-            raise ImageError(f"{label}: image too small ({w}×{h} pixels; a face needs at least "
+            raise ImageTooSmallError(f"{label}: image too small ({w}×{h} pixels; a face needs at least "
                              f"{MIN_IMAGE_SIDE}×{MIN_IMAGE_SIDE})")
         return arr
 

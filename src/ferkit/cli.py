@@ -38,7 +38,8 @@ TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--max-steps", dict(type=int, help="stop after this many optimizer steps (smoke runs)")),
     ("--early-stop", dict(type=int, help="stop after this many epochs without validation improvement")),
     ("--tta", dict(choices=["none", "flip", "tencrop"], help="test-time augmentation for the final evaluation")),
-    ("--init", dict(help="fine-tune: start from this model's weights (name, run dir or file)")),
+    ("--init", dict(help="fine-tune or warm-restart with a fresh schedule from this model's weights (bundled name such "
+                        "as fer7-large, run dir or file); its architecture unless --model is given")),
 ]
 
 
@@ -169,6 +170,11 @@ def cmd_train(a: argparse.Namespace, extra: dict[str, Any] | None = None) -> int
     from ferkit.errors import ConfigError
 
     ov = {**_train_overrides(a), **(extra or {})}
+    if ov.get("init") and not ov.get("model") and not a.resume:
+        # a warm restart (--init fer7-large) continues the same architecture unless --model says otherwise
+        from ferkit.modelfile import read_meta, resolve_model_path
+
+        ov["model"] = read_meta(resolve_model_path(str(ov["init"]))).arch
     config_file = a.config
     if a.resume:
         out = Path(ov["out"]) if ov.get("out") else _latest_run()

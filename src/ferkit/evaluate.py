@@ -1,10 +1,12 @@
-"""Metrics, test-time augmentation, confusion matrices and report files."""
+"""Evaluate one model or an ensemble (averaged probabilities) on a dataset split: the ``ferkit evaluate`` library.
+
+The metric functions live in :mod:`ferkit.metrics`; their old names here (``confusion``, ``evaluate_probs``,
+``format_table``, ``write_report`` …) still work.
+"""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,6 +14,16 @@ import torch
 import torch.nn.functional as F
 
 from ferkit.data.augment import to_float
+from ferkit.metrics import (  # noqa: F401  (re-exported: the names this module had before metrics.py)
+    confusion,
+    evaluate_probs,
+    format_table,
+    metrics_from_confusion,
+    plot_confusion,
+    plot_curves,
+    selective,
+    write_report,
+)
 
 
 def tta_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
@@ -31,6 +43,26 @@ def tta_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
 
 
 @torch.inference_mode()
+def predict_logits(
+    net: Callable[[torch.Tensor], torch.Tensor],
+    images: np.ndarray | torch.Tensor,
+    *,
+    size: int,
+    mean: float,
+    std: float,
+    batch_size: int = 512,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """Raw network outputs (float32 N×C, on the CPU) for uint8 N×H×W face crops: what a temperature is fitted on."""
+    out = []
+    x_all = torch.as_tensor(images)
+    for i in range(0, len(x_all), batch_size):
+        x = to_float(x_all[i : i + batch_size].to(device), size, mean, std)
+        out.append(net(x).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+@torch.inference_mode()
 def predict_probs(
     net: Callable[[torch.Tensor], torch.Tensor],
     images: np.ndarray | torch.Tensor,
@@ -41,131 +73,114 @@ def predict_probs(
     tta: str = "none",
     batch_size: int = 512,
     device: str | torch.device = "cpu",
+    calibration: Any = None,
 ) -> torch.Tensor:
-    """Class probabilities for uint8 N×H×W face crops, averaged over the TTA views."""
+    """Class probabilities for uint8 N×H×W face crops, averaged over the TTA views.
+
+    ``calibration``: a ``ModelMeta`` whose temperature scales the logits (``modelfile.calibrated_probs``); None for
+    the plain softmax.
+    """
+    from ferkit.modelfile import calibrated_probs
+
     out = []
     x_all = torch.as_tensor(images)
     for i in range(0, len(x_all), batch_size):
         x = to_float(x_all[i : i + batch_size].to(device), size, mean, std)
         views = tta_views(x, tta)
-        p = sum(F.softmax(net(v).float(), dim=1) for v in views) / len(views)
+        p = sum((calibrated_probs(net(v), calibration) if calibration is not None else F.softmax(net(v).float(), 1))
+                for v in views) / len(views)
         out.append(p.cpu())
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 
-def confusion(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> np.ndarray:
-    return np.bincount(np.asarray(y_true) * n + np.asarray(y_pred), minlength=n * n).reshape(n, n)
+def ensemble_probs(models: list[tuple[torch.nn.Module, Any]], split_src, classes: list[str], *, tta: str = "none",
+                   batch_size: int = 512, strict: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Average class probabilities of several models over one split, restricted to ``classes``.
+
+    Each model sees the split decoded at its own input size, with its own calibration temperature; its
+    probabilities are restricted to ``classes`` and renormalised, so a 7-class model can be scored on a 3-class
+    dataset (argmax over those classes only).
+    """
+    from ferkit.data import load_split
+
+    total, labels = None, None
+    for net, meta in models:
+        data = load_split(split_src, meta.input_size, strict=strict)
+        p = predict_probs(net, data.images, size=meta.input_size, mean=meta.mean, std=meta.std, tta=tta,
+                          batch_size=batch_size, calibration=meta)
+        idx = [list(meta.classes).index(c) for c in classes]
+        p = p[:, idx]
+        p = p / p.sum(1, keepdim=True).clamp(min=1e-12)
+        total = p if total is None else total + p
+        labels = data.labels
+    return (total / len(models)).numpy(), labels
 
 
-def metrics_from_confusion(cm: np.ndarray, classes: list[str]) -> dict[str, Any]:
-    """Accuracy, macro-F1 and per-class precision/recall/F1/support from a confusion matrix (rows = truth)."""
-    cm = np.asarray(cm, dtype=np.int64)
-    tp = np.diag(cm).astype(float)
-    support = cm.sum(1)
-    predicted = cm.sum(0)
-    prec = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-    rec = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
-    f1 = np.divide(2 * prec * rec, prec + rec, out=np.zeros_like(tp), where=(prec + rec) > 0)
-    n = int(cm.sum())
-    present = support > 0
-    return {
-        "accuracy": float(tp.sum() / n) if n else 0.0,
-        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
-        "per_class": {
-            c: {"precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]), "support": int(support[i])}
-            for i, c in enumerate(classes)
-        },
-        "confusion_matrix": cm.tolist(),
-        "classes": list(classes),
-        "n": n,
-    }
+def _resolve_split(ds, data: str, split: str | None, say: Callable[[str], None]) -> tuple[str, Any]:
+    from ferkit.errors import DatasetError
+
+    if split is None:
+        split = next((s for s in ("test", "single", "validation") if s in ds.splits), None)
+        if split is None:
+            raise DatasetError(f"{data}: no test or validation split (found: {', '.join(ds.splits)})")
+        if split != "test":
+            say(f"note: {data} has no test split; evaluating on '{split}'")
+    return split, (ds.split(split) if split != "single" else ds.splits["single"])
 
 
-def evaluate_probs(probs: torch.Tensor | np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, Any]:
-    pred = np.asarray(torch.as_tensor(probs).argmax(1))
-    return metrics_from_confusion(confusion(labels, pred, len(classes)), classes)
+def evaluate_models(specs: list[str], *, data: str | None = None, split: str | None = None, classes: str | None = None,
+                    tta: str = "none", batch_size: int = 512, strict: bool = False, min_score: float | None = None,
+                    return_probs: bool = False,
+                    say: Callable[[str], None] = lambda s: None) -> dict[str, Any] | tuple[dict[str, Any], Any, Any]:
+    """Metrics of a model (or the ensemble of ``specs``) on a dataset split; see ``ferkit evaluate``.
+
+    Probabilities are calibrated by each model's stored temperature. With ``min_score``, the result's
+    ``"selective"`` entry gives the coverage and the accuracy on the faces whose top score reaches it. With
+    ``return_probs``, returns ``(metrics, probs, labels)``.
+    """
+    from ferkit.classes import parse_classes
+    from ferkit.data import find_dataset
+    from ferkit.errors import DatasetError
+    from ferkit.modelfile import load_model
+
+    models = [load_model(s) for s in specs]
+    metas = [m for _, m in models]
+    common = [c for c in metas[0].classes if all(c in m.classes for m in metas[1:])]
+    wanted = parse_classes(classes) if classes else common
+    bad = [c for c in wanted if c not in common]
+    if bad:
+        raise DatasetError(f"the model(s) have no class(es) {', '.join(bad)} (they share: {', '.join(common)})")
+    data = data or metas[0].training.get("data")
+    if not data:
+        raise DatasetError("--data is required (the model does not say what it was trained on)")
+    ds = find_dataset(data, wanted, require_all=False)
+    split, src = _resolve_split(ds, str(data), split, say)
+    if ds.classes != list(metas[0].classes):
+        say(f"note: the model knows {len(metas[0].classes)} classes; scoring restricted to the dataset's "
+            f"{len(ds.classes)} ({', '.join(ds.classes)}), argmax over those")
+    probs, labels = ensemble_probs(models, src, ds.classes, tta=tta, batch_size=batch_size, strict=strict)
+    m = evaluate_probs(probs, labels, ds.classes)
+    m.update({"split": split, "data": str(data), "models": specs, "tta": tta,
+              "temperature": [float(getattr(x, "temperature", 1.0)) for x in metas] if len(metas) > 1
+              else float(getattr(metas[0], "temperature", 1.0))})
+    if min_score is not None:
+        m["selective"] = selective(probs, labels, min_score)
+    return (m, probs, labels) if return_probs else m
 
 
-def format_table(m: dict[str, Any]) -> str:
-    """A plain-text report: headline numbers, per-class table and confusion matrix."""
-    classes = m["classes"]
-    w = max(9, *(len(c) for c in classes)) + 1
-    lines = [
-        f"accuracy {m['accuracy'] * 100:.2f}%   macro-F1 {m['macro_f1'] * 100:.2f}%   n={m['n']}",
-        "",
-        f"{'class':<{w}}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}",
-    ]
-    for c in classes:
-        r = m["per_class"][c]
-        lines.append(f"{c:<{w}}{r['precision']:>10.3f}{r['recall']:>10.3f}{r['f1']:>10.3f}{r['support']:>10d}")
-    lines += [
-        "",
-        "confusion matrix (rows: true, columns: predicted)",
-        f"{'':<{w}}" + "".join(f"{c[:8]:>9}" for c in classes),
-    ]
-    for c, row in zip(classes, m["confusion_matrix"]):
-        lines.append(f"{c:<{w}}" + "".join(f"{v:>9d}" for v in row))
-    return "\n".join(lines)
+def model_logits(spec: str, *, data: str, split: str = "validation", batch_size: int = 512,
+                 strict: bool = False) -> tuple[np.ndarray, np.ndarray, Any]:
+    """A model's raw outputs on a split of ``data`` (all its classes; no temperature): ``(logits, labels, meta)``.
 
+    Raises:
+        DatasetError: the dataset lacks the split or one of the model's classes.
+    """
+    from ferkit.data import find_dataset, load_split
+    from ferkit.modelfile import load_model
 
-def plot_confusion(m: dict[str, Any], path: str | Path, title: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cm = np.asarray(m["confusion_matrix"], float)
-    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    classes = m["classes"]
-    fig, ax = plt.subplots(figsize=(1.1 * len(classes) + 2.5, 1.0 * len(classes) + 2))
-    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    for i in range(len(classes)):
-        for j in range(len(classes)):
-            ax.text(
-                j,
-                i,
-                f"{int(cm[i, j])}\n{norm[i, j] * 100:.0f}%",
-                ha="center",
-                va="center",
-                fontsize=8,
-                color="white" if norm[i, j] > 0.5 else "black",
-            )
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title or f"accuracy {m['accuracy'] * 100:.2f}% (n={m['n']})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_curves(history: list[dict[str, float]], path: str | Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ep = [h["epoch"] for h in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-    a.plot(ep, [h["train_loss"] for h in history], label="train")
-    a.plot(ep, [h["val_loss"] for h in history], label="validation")
-    a.set_xlabel("epoch")
-    a.set_ylabel("loss")
-    a.legend()
-    b.plot(ep, [h["train_acc"] * 100 for h in history], label="train")
-    b.plot(ep, [h["val_acc"] * 100 for h in history], label="validation")
-    b.set_xlabel("epoch")
-    b.set_ylabel("accuracy (%)")
-    b.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_report(m: dict[str, Any], out: str | Path, title: str = "") -> None:
-    """``metrics.json`` and ``confusion_matrix.png`` in ``out``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(m, indent=2) + "\n")
-    plot_confusion(m, out / "confusion_matrix.png", title)
+    net, meta = load_model(spec)
+    ds = find_dataset(data, list(meta.classes))
+    _, src = _resolve_split(ds, str(data), split, lambda s: None)
+    loaded = load_split(src, meta.input_size, strict=strict)
+    z = predict_logits(net, loaded.images, size=meta.input_size, mean=meta.mean, std=meta.std, batch_size=batch_size)
+    return z.numpy(), np.asarray(loaded.labels), meta

@@ -38,6 +38,7 @@ from ferkit.modelfile import (  # noqa: E402
     ONNX_OUTPUT_KIND,
     SOURCE_DIGEST_KEY,
     ModelMeta,
+    calibrated_probs,
     file_digest,
     load_model,
     read_meta,
@@ -54,12 +55,14 @@ PARITY_TOLERANCE = 1e-4
 
 
 class _WithSoftmax(nn.Module):
-    def __init__(self, net: nn.Module) -> None:
+    """The network followed by its calibrated softmax (``modelfile.calibrated_probs``): the graph returns scores."""
+
+    def __init__(self, net: nn.Module, meta: ModelMeta) -> None:
         super().__init__()
-        self.net = net
+        self.net, self.meta = net, meta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.net(x).float(), dim=1)
+        return calibrated_probs(self.net(x), self.meta)
 
 
 def default_parity_data() -> Path | None:
@@ -133,7 +136,7 @@ def onnx_bytes(net: nn.Module, meta: ModelMeta, *, opset: int = 17, source_diges
     """
     onnx = require("onnx", what="ONNX export")
     label = label or meta.name or meta.arch
-    wrapped = _WithSoftmax(net.float().eval()).eval()
+    wrapped = _WithSoftmax(net.float().eval(), meta).eval()
     s = meta.input_size
     buf = io.BytesIO()
     try:
@@ -196,7 +199,7 @@ def export_onnx(model: str, out: str, *, data: str | None = None, opset: int = 1
     path = resolve_model_path(model)
     net, meta = load_model(path, meta=read_meta(path))
     net = net.float().eval()
-    wrapped = _WithSoftmax(net).eval()
+    wrapped = _WithSoftmax(net, meta).eval()
     out_path = Path(out)
     if out_path.suffix.lower() != ".onnx":
         out_path = out_path.with_name(out_path.name + ".onnx")

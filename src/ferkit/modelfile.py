@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from ferkit.errors import ModelFileError
 
 if TYPE_CHECKING:  # torch is imported where weights are read or written, so reading metadata stays light
+    import torch
     import torch.nn as nn
 
 FORMAT = "ferkit-model/1"
@@ -35,6 +36,11 @@ class ModelMeta:
     in_chans: int = 1
     mean: float = 0.5
     std: float = 0.25
+    #: Calibration: probabilities are softmax(logits / T) (see :func:`calibrated_probs`); T = ``temperature``, or,
+    #: with ``temperature_poly`` = (c1, c2, …), T = temperature · exp(c1·s + c2·s² + …) where s is the top softmax
+    #: probability of the raw logits. 1.0 and () (uncalibrated) for files written before calibration existed.
+    temperature: float = 1.0
+    temperature_poly: tuple[float, ...] = ()
     name: str = ""
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -48,7 +54,31 @@ class ModelMeta:
         known = {f for f in cls.__dataclass_fields__}
         kw = {k: v for k, v in d.items() if k in known}
         kw["classes"] = tuple(kw.get("classes", ()))
+        kw["temperature_poly"] = tuple(float(c) for c in kw.get("temperature_poly", ()))
         return cls(**kw)
+
+
+#: Bounds of a calibration temperature: ends beyond these mean a fit went wrong, not a model that needs them.
+TEMPERATURE_RANGE = (0.05, 20.0)
+
+
+def calibrated_probs(logits: torch.Tensor, meta: ModelMeta) -> torch.Tensor:
+    """softmax(logits / T) with the model's calibration temperature (float32; any positive T keeps the argmax).
+
+    One function for every path that turns a model's outputs into scores: evaluation, the torch runtime and the
+    exported ONNX graph (it traces to plain ops), so all of them give the same calibrated probabilities.
+    """
+    import math
+
+    z = logits.float()
+    if meta.temperature_poly:
+        s = z.softmax(1).amax(1, keepdim=True)
+        log_t = sum(c * s ** (k + 1) for k, c in enumerate(meta.temperature_poly)) + math.log(meta.temperature)
+        t = log_t.clamp(math.log(TEMPERATURE_RANGE[0]), math.log(TEMPERATURE_RANGE[1])).exp()
+        return (z / t).softmax(1)
+    if meta.temperature != 1.0:
+        z = z / meta.temperature
+    return z.softmax(1)
 
 
 def save_model(path: str | os.PathLike, net: nn.Module, meta: ModelMeta, *, json_sidecar: bool = True) -> Path:

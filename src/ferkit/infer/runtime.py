@@ -128,12 +128,14 @@ class TorchRuntime:
         """Class probabilities (float32 N×C) for a normalised float32 N×C×S×S batch."""
         import torch
 
+        from ferkit.modelfile import calibrated_probs
+
         if len(x) == 0:
             return np.zeros((0, len(self.meta.classes)), np.float32)
         with torch.inference_mode():
             t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
             t = t.contiguous(memory_format=self.memory_format)
-            return torch.softmax(self.net(t).float(), dim=1).cpu().numpy()
+            return calibrated_probs(self.net(t), self.meta).cpu().numpy()  # the model's temperature
 
 
 class OnnxRuntime:

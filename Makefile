@@ -2,8 +2,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
-# torch is pinned: this version installs from local wheels on the development machines and CI.
-TORCH := torch==2.14.1 torchvision==0.29.1
+# torch is pinned: this version installs from local wheels on the development machines and CI. ferkit does not use
+# torchvision; timm (the seed recipe's backbones) brings the torchvision that matches this torch.
+TORCH := torch==2.14.1
 PORT ?= 8000
 
 .PHONY: install test serve demo bench lint browser clean

@@ -70,7 +70,12 @@ def main() -> None:
         note=(a.note + "\n") if a.note else "",
     )
     (WEIGHTS_DIR / f"{a.name}.md").write_text(card)
-    print(f"bundled {a.run} as {out} ({out.stat().st_size / 1e6:.2f} MB)")
+    # The ONNX sibling the lean (torch-free) install runs; it records this file's digest, so write it last.
+    from ferkit.export import write_sibling
+
+    sib = write_sibling(out)
+    print(f"bundled {a.run} as {out} ({out.stat().st_size / 1e6:.2f} MB) and {sib['path']} "
+          f"(parity max |Δp| {sib['max_abs_diff']:.1e})")
 
 
 if __name__ == "__main__":

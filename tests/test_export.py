@@ -134,3 +134,58 @@ def test_export_errors(tmp_path: Path) -> None:
     with pytest.raises(DatasetError):
         export_onnx(str(model), str(tmp_path / "x.onnx"), data=str(tmp_path / "no-such-data"))
     assert not (tmp_path / "x.onnx").exists()
+
+
+# -- ONNX siblings: the bundled models ship one; a stale one is never used -------------------------------------------
+
+@pytest.mark.parametrize("name", ["fer3", "fer7"])
+def test_bundled_models_ship_a_current_onnx_sibling(name: str) -> None:
+    """The sibling was exported from the model file as it is now (digest), carries its metadata, and gives the
+    PyTorch model's probabilities on real validation faces; if a bundled model is re-bundled or recalibrated without
+    `write_sibling`, this fails."""
+    from ferkit.export import _parity_faces, _to_input
+    from ferkit.infer.runtime import OnnxRuntime, TorchRuntime, make_runtime
+    from ferkit.modelfile import SOURCE_DIGEST_KEY, bundled_models, file_digest, onnx_sibling, read_meta
+
+    path = bundled_models()[name]
+    sibling = onnx_sibling(path)
+    assert sibling == path.with_suffix(".onnx")
+    rt = make_runtime(name)
+    assert isinstance(rt, OnnxRuntime) and rt.props[SOURCE_DIGEST_KEY] == file_digest(path)
+    assert ModelMeta.from_dict(json.loads(rt.props["ferkit"])) == read_meta(path) == rt.meta
+    faces, _ = _parity_faces(rt.meta, str(VALIDATION) if VALIDATION.is_dir() else None, 64)
+    x = _to_input(faces, rt.meta)
+    assert np.abs(rt.probs(x) - TorchRuntime(path).probs(x)).max() <= PARITY_TOLERANCE
+
+
+def test_current_sibling_is_used_and_stale_one_ignored(exported: tuple[Path, Path, dict], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    import shutil
+
+    from ferkit import export
+    from ferkit.infer.runtime import make_runtime
+
+    model, out, _ = exported
+    monkeypatch.setenv("FERKIT_CACHE_DIR", str(tmp_path / "cache"))
+    x = np.random.default_rng(0).normal(size=(16, 1, 48, 48)).astype(np.float32)
+    ref = make_runtime(model, backend="torch").probs(x)
+
+    d = tmp_path / "current"
+    d.mkdir()
+    shutil.copy(model, d / "model.safetensors")
+    shutil.copy(out, d / "model.onnx")  # exported from these very bytes
+    monkeypatch.setattr(export, "onnx_bytes", lambda *a, **k: pytest.fail("converted despite a current sibling"))
+    rt = make_runtime(d)
+    assert rt.name == "onnx" and np.abs(rt.probs(x) - ref).max() <= PARITY_TOLERANCE
+    monkeypatch.undo()
+    monkeypatch.setenv("FERKIT_CACHE_DIR", str(tmp_path / "cache"))
+
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    shutil.copy(model, stale / "model.safetensors")
+    shutil.copy(Path(__file__).resolve().parents[1] / "src" / "ferkit" / "weights" / "fer3.onnx", stale / "model.onnx")
+    with caplog.at_level("WARNING", logger="ferkit.infer.runtime"):
+        rt = make_runtime(stale)
+    assert "digest differs" in caplog.text and "ignoring it" in caplog.text
+    assert rt.name == "onnx" and np.abs(rt.probs(x) - ref).max() <= PARITY_TOLERANCE  # converted from the weights

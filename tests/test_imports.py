@@ -46,3 +46,16 @@ def test_reading_model_metadata_does_not_import_torch(tmp_path) -> None:
                       ModelMeta(arch="fastcnn", classes=("happy", "sad", "neutral")))
     mods = _loaded_after(f"from ferkit.modelfile import read_meta\nassert read_meta({str(path)!r}).arch == 'fastcnn'")
     assert "torch" not in mods
+
+
+def test_predicting_with_a_bundled_model_does_not_import_torch() -> None:
+    """The bundled models run from their ONNX siblings: `ferkit predict` on a real photo never loads torch."""
+    from pathlib import Path
+
+    photo = next((Path(__file__).resolve().parents[2] / "shared" / "data" / "wild-dev" / "happy").glob("*.jpg"), None)
+    if photo is None:
+        pytest.skip("wild-dev photos not found")
+    code = (f"from ferkit.cli import main\nassert main(['predict', {str(photo)!r}, '--format', 'json']) == 0\n"
+            "from ferkit import Recognizer\nassert Recognizer('fer7').backend == 'onnx'")
+    mods = _loaded_after(code)
+    assert "torch" not in mods and not mods & set(HEAVY)

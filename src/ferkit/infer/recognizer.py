@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -124,6 +124,30 @@ class Recognizer:
             items = [load_image(c, name=f"crop {i}") for i, c in enumerate(crops)]
             faces = np.stack([resize_face(c, s) for c in items]) if items else np.zeros((0, s, s), np.uint8)
         return self._classify_faces(faces)
+
+    def track(self, source: str | os.PathLike | int, every: int = 1, *, keep_images: bool = False,
+              **kwargs: Any) -> Iterator[Results]:
+        """Follow the faces of a video file, a webcam (``int`` index) or a folder of frames (sorted by name).
+
+        Yields one :class:`Results` per processed frame (``frame``, ``time`` set); each face carries ``track`` (its
+        ID, stable through the video) and ``smoothed`` scores. Frames are decoded as a stream. ``kwargs`` go to
+        :func:`ferkit.infer.track.track_units` (``tau``, ``lost_seconds``). See :mod:`ferkit.infer.track`.
+
+        Raises:
+            VideoError: the source cannot be opened, or stops decoding part-way (after its frames so far).
+        """
+        from ferkit.infer.sources import DEFAULT_FOLDER_FPS, frames, open_video
+        from ferkit.infer.track import track_units
+
+        if isinstance(source, int) or not os.path.isfile(source):  # webcam, folder, or missing (frames() says so)
+            fps = 0.0 if isinstance(source, int) else DEFAULT_FOLDER_FPS
+        else:
+            cap, info = open_video(os.fspath(source))
+            cap.release()
+            fps = info.fps
+        for _, res in track_units(self, frames(source, every), fps=fps, every=every, keep_images=keep_images,
+                                  **kwargs):
+            yield res
 
     # -- building blocks (used by ``ferkit predict`` and the server) ------------------------------------------------
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CROP_MARGIN", "Face", "Results", "crop_box", "draw_faces"]
+__all__ = ["CROP_MARGIN", "Face", "Results", "caption", "crop_box", "draw_faces", "label_colour"]
 
 #: Context added on every side of a detector box before cropping, as a fraction of the box's longer side (0.05: the
 #: square crop is 1.1× the box). On wild-dev (498 photos, YuNet boxes) a fastcnn trained on FER2013 (78.2% on its
@@ -43,7 +43,9 @@ class Face:
         score: its probability.
         scores: class → probability, in the model's class order.
         det_score: the face detector's confidence in [0, 1] (None when not recorded).
-        track: in videos, the face's track ID (1, 2, … per video), or None when not tracked.
+        track: in videos, the face's track ID (1, 2, … per video), or None when not tracked (or not yet: a new
+            face gets its ID when it is seen a second time, see :mod:`ferkit.infer.track`).
+        smoothed: in tracked videos, the track's class scores smoothed over time (same keys as ``scores``).
     """
 
     box: tuple[int, int, int, int]
@@ -52,16 +54,30 @@ class Face:
     scores: dict[str, float] = field(default_factory=dict)
     det_score: float | None = None
     track: int | None = None
+    smoothed: dict[str, float] | None = None
+
+    @property
+    def smoothed_label(self) -> str | None:
+        """The most probable class of the smoothed scores (None when not smoothed)."""
+        return max(self.smoothed, key=self.smoothed.__getitem__) if self.smoothed else None
+
+    @property
+    def smoothed_score(self) -> float | None:
+        """The smoothed probability of :attr:`smoothed_label` (None when not smoothed)."""
+        return max(self.smoothed.values()) if self.smoothed else None
 
     def to_dict(self) -> dict[str, Any]:
         """``{"box": [x, y, w, h], "label": ..., "score": ..., "scores": {class: prob}}`` (JSON-ready), plus
-        ``"det_score"`` and ``"track"`` when they are set."""
+        ``"det_score"``, ``"track"`` and ``"smoothed": {"label", "score", "scores"}`` when they are set."""
         d: dict[str, Any] = {"box": [int(v) for v in self.box], "label": self.label, "score": float(self.score),
                              "scores": {k: float(v) for k, v in self.scores.items()}}
         if self.det_score is not None:
             d["det_score"] = float(self.det_score)
         if self.track is not None:
             d["track"] = int(self.track)
+        if self.smoothed is not None:
+            d["smoothed"] = {"label": self.smoothed_label, "score": float(self.smoothed_score or 0.0),
+                             "scores": {k: float(v) for k, v in self.smoothed.items()}}
         return d
 
 
@@ -73,11 +89,15 @@ class Results:
         faces: the faces, largest first.
         image: the image the boxes refer to (uint8 H×W×3 RGB or H×W gray), or None when not kept.
         path: the file the image came from, or None.
+        frame: in videos, the frame's index (from 0); None for photos.
+        time: in videos, the frame's time in seconds; None for photos (or when the video has no frame rate).
     """
 
     faces: list[Face]
     image: np.ndarray | None = None
     path: str | None = None
+    frame: int | None = None
+    time: float | None = None
 
     def __len__(self) -> int:
         return len(self.faces)
@@ -93,8 +113,13 @@ class Results:
         return f"Results(path={self.path!r}, image={shape}, faces={self.faces!r})"
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"file": path or None, "faces": [face.to_dict(), ...]}``."""
-        return {"file": self.path, "faces": [f.to_dict() for f in self.faces]}
+        """``{"file": path or None, "faces": [face.to_dict(), ...]}``, with ``"frame"`` and ``"time"`` in videos."""
+        d: dict[str, Any] = {"file": self.path}
+        if self.frame is not None:
+            d["frame"] = self.frame
+            d["time"] = self.time
+        d["faces"] = [f.to_dict() for f in self.faces]
+        return d
 
     def to_json(self, **kwargs: Any) -> str:
         """``to_dict()`` as JSON; keyword arguments go to ``json.dumps``."""
@@ -111,12 +136,20 @@ class Results:
         return draw_faces(self.image, self.faces)
 
 
-def _colour(label: str) -> tuple[int, int, int]:
+def caption(face: Face) -> str:
+    """The text drawn by a face's box: ``label score``, or ``#track smoothed-label score`` for a tracked face."""
+    if face.track is not None and face.smoothed:
+        return f"#{face.track} {face.smoothed_label} {face.smoothed_score:.2f}"
+    return f"{face.label} {face.score:.2f}"
+
+
+def label_colour(label: str) -> tuple[int, int, int]:
+    """The RGB colour ferkit draws ``label`` in (boxes, timelines)."""
     return _COLOURS.get(label) or _PALETTE[sum(map(ord, label)) % len(_PALETTE)]
 
 
 def draw_faces(image: np.ndarray, faces: Sequence[Face]) -> np.ndarray:
-    """Draw boxes and ``label score`` captions on an RGB copy of ``image``.
+    """Draw boxes and captions (see :func:`caption`) on an RGB copy of ``image``.
 
     The caption's size follows the box (at least legible on the image as a whole), sits above the box, or inside it
     when the box touches the top edge.
@@ -129,12 +162,12 @@ def draw_faces(image: np.ndarray, faces: Sequence[Face]) -> np.ndarray:
     min_scale = max(img_h, img_w) / 1400  # ~11 px high text on a 640-px image, more on big photos
     for f in faces:
         x, y, w, h = f.box
-        colour = _colour(f.label)
+        colour = label_colour(f.smoothed_label or f.label)
         line = max(1, round(max(w, h) / 100))
         # a dark rim under the coloured line keeps light colours (neutral's grey) visible on light backgrounds
         cv2.rectangle(out, (x, y), (x + w - 1, y + h - 1), (0, 0, 0), line + 2, cv2.LINE_AA)
         cv2.rectangle(out, (x, y), (x + w - 1, y + h - 1), colour, line, cv2.LINE_AA)
-        text = f"{f.label} {f.score:.2f}"
+        text = caption(f)
         (tw1, _), _ = cv2.getTextSize(text, font, 1.0, 1)
         scale = min(max(w * 0.9 / tw1, min_scale, 0.35), 3.0)
         thick = max(1, round(scale * 1.6))

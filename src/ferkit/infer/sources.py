@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,18 +17,26 @@ from typing import Any
 
 import numpy as np
 
-from ferkit.errors import ImageError
+from ferkit.errors import ImageError, VideoError
 from ferkit.images import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MAX_BATCH_PIXELS", "VIDEO_SUFFIXES", "Unit", "batches", "expand_inputs", "is_video", "read_units",
-           "read_video"]
+__all__ = ["MAX_BATCH_PIXELS", "VIDEO_SUFFIXES", "Unit", "VideoInfo", "batches", "expand_inputs", "frames", "is_video",
+           "make_progress", "open_video", "progress_enabled", "read_frame_folder", "read_units", "read_video",
+           "read_webcam"]
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv",
                             ".3gp", ".ts", ".mts", ".m2ts", ".ogv"})
 #: A batch is flushed early once its images hold this many pixels (64 full-HD frames would be 400 MB as RGB).
 MAX_BATCH_PIXELS = 40_000_000
+#: Containers' frame counts are estimates for some formats (from duration × fps); a shortfall of this many frames
+#: is not reported as truncation.
+FRAME_COUNT_SLACK = 1
+#: Frames per second assumed for a folder of frames (it carries no timestamps); ``fps=`` overrides it.
+DEFAULT_FOLDER_FPS = 30.0
+#: A folder of images gets a progress bar from this many files on (small ones finish before it is read).
+PROGRESS_MIN_FILES = 50
 
 
 @dataclass
@@ -77,40 +86,93 @@ def expand_inputs(inputs: list[str]) -> Iterator[tuple[str, Path, str | None]]:
             yield inp, Path(p.name), None
 
 
-def read_units(jobs: list[tuple[str, Path, str | None]], every: int) -> Iterator[Unit]:
+def read_units(jobs: list[tuple[str, Path, str | None]], every: int, *, progress: bool = False) -> Iterator[Unit]:
+    """One :class:`Unit` per image and per sampled video frame of ``jobs`` (from :func:`expand_inputs`), in order."""
     from ferkit.infer.recognizer import Recognizer
 
-    for file, save_as, error in jobs:
-        if error is not None:
-            yield Unit(file, save_as, error=error)
-        elif is_video(Path(file)):
-            yield from read_video(file, save_as, every)
-        else:
-            try:
-                yield Unit(file, save_as, image=Recognizer.load(file, name=file))
-            except ImageError as e:
-                yield Unit(file, save_as, error=_problem(str(e), file))
+    n_images = sum(1 for f, _, e in jobs if e is None and not is_video(Path(f)))
+    bar = make_progress(n_images, "images", enabled=progress and n_images >= PROGRESS_MIN_FILES)
+    try:
+        for file, save_as, error in jobs:
+            if error is not None:
+                yield Unit(file, save_as, error=error)
+            elif is_video(Path(file)):
+                yield from read_video(file, save_as, every, progress=progress)
+            else:
+                try:
+                    yield Unit(file, save_as, image=Recognizer.load(file, name=file))
+                except ImageError as e:
+                    yield Unit(file, save_as, error=_problem(str(e), file))
+                finally:
+                    bar.update(1)
+    finally:
+        bar.close()
 
 
-def read_video(file: str, save_as: Path, every: int) -> Iterator[Unit]:
+@dataclass(frozen=True)
+class VideoInfo:
+    """What a video's container declares: frames per second (0 when unknown), frame count (0 when unknown), size."""
+
+    fps: float
+    frames: int
+    width: int
+    height: int
+
+
+def open_video(source: str | int) -> tuple[Any, VideoInfo]:
+    """Open a video file (or a webcam by index) with OpenCV; ``(cv2.VideoCapture, VideoInfo)``.
+
+    Frames come out upright: OpenCV's FFmpeg backend applies a phone video's rotation metadata by default
+    (``CAP_PROP_ORIENTATION_AUTO``); it is set explicitly here so that a change of default cannot turn them.
+
+    Raises:
+        VideoError: the file or camera cannot be opened.
+    """
     import cv2
 
     # A file FFmpeg cannot parse makes FFmpeg and OpenCV print their own lines on stderr (and OpenCV then tries to
     # read it as an image sequence); our one-line error says it all. FFmpeg's level is read when it initialises.
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
-    api = cv2.CAP_FFMPEG if cv2.videoio_registry.hasBackend(cv2.CAP_FFMPEG) else cv2.CAP_ANY
     lg = cv2.utils.logging
     level = lg.getLogLevel()
     lg.setLogLevel(lg.LOG_LEVEL_ERROR)
     try:
-        cap = cv2.VideoCapture(file, api)
+        if isinstance(source, int):
+            cap = cv2.VideoCapture(source)
+        else:
+            api = cv2.CAP_FFMPEG if cv2.videoio_registry.hasBackend(cv2.CAP_FFMPEG) else cv2.CAP_ANY
+            cap = cv2.VideoCapture(source, api)
     finally:
         lg.setLogLevel(level)
+    if not cap.isOpened():
+        cap.release()
+        if isinstance(source, int):
+            raise VideoError(f"webcam {source}: cannot open it (no such camera, or it is in use)")
+        raise VideoError(f"{source}: cannot open video (not a video, or a codec OpenCV cannot read)")
+    cap.set(cv2.CAP_PROP_ORIENTATION_AUTO, 1)
+    fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+    frames = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0) if not isinstance(source, int) else 0
+    info = VideoInfo(fps if fps > 0 else 0.0, max(frames, 0), int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)),
+                     int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+    return cap, info
+
+
+def read_video(file: str, save_as: Path | None, every: int, *, progress: bool = False) -> Iterator[Unit]:
+    """Decode a video as a stream: one :class:`Unit` per ``every``-th frame, then an error unit if it stopped early.
+
+    Frame times come from the decoder's timestamps (so variable-frame-rate videos get their real times), falling
+    back to ``frame / fps``. A video whose frames stop decoding before the count its container declares ends with
+    an error unit saying how many frames were read of how many declared.
+    """
+    import cv2
+
     try:
-        if not cap.isOpened():
-            yield Unit(file, save_as, error="cannot open video (not a video, or a codec OpenCV cannot read)")
-            return
-        fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+        cap, info = open_video(file)
+    except VideoError as e:
+        yield Unit(file, save_as, error=_problem(str(e), file))
+        return
+    bar = make_progress(info.frames or None, "frames", enabled=progress, desc=Path(file).name)
+    try:
         i = read = 0
         while True:
             if i % every:
@@ -122,13 +184,134 @@ def read_video(file: str, save_as: Path, every: int) -> Iterator[Unit]:
                     break
                 read += 1
                 rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB) if frame.ndim == 3 else frame
-                t = round(i / fps, 3) if fps > 0 else None
-                yield Unit(file, save_as, frame=i, time=t, image=rgb)
+                yield Unit(file, save_as, frame=i, time=_frame_time(cap, i, info.fps), image=rgb)
             i += 1
+            bar.update(1)
         if read == 0:
             yield Unit(file, save_as, error="video holds no readable frames")
+        elif info.frames and i < info.frames - FRAME_COUNT_SLACK:
+            yield Unit(file, save_as, error=f"video stopped decoding after {i} of {info.frames} declared frames "
+                                            f"(truncated or corrupt)")
+    finally:
+        bar.close()
+        cap.release()
+
+
+def _frame_time(cap: Any, i: int, fps: float) -> float | None:
+    import cv2
+
+    ms = cap.get(cv2.CAP_PROP_POS_MSEC)
+    # POS_MSEC is the *decoded* frame's presentation time with FFmpeg; 0 for every frame with some backends.
+    if ms and ms > 0 or (i == 0 and fps > 0):
+        return round(ms / 1000.0, 3)
+    return round(i / fps, 3) if fps > 0 else None
+
+
+def read_webcam(index: int, every: int = 1, *, max_frames: int | None = None) -> Iterator[Unit]:
+    """Frames from webcam ``index`` until it stops (or ``max_frames``); times are seconds since the first frame.
+
+    Raises:
+        VideoError: the camera cannot be opened.
+    """
+    import time
+
+    import cv2
+
+    cap, _ = open_video(index)
+    name = f"webcam {index}"
+    try:
+        t0, i = time.monotonic(), 0
+        while max_frames is None or i < max_frames:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            if i % every == 0:
+                rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB) if frame.ndim == 3 else frame
+                yield Unit(name, frame=i, time=round(time.monotonic() - t0, 3), image=rgb)
+            i += 1
     finally:
         cap.release()
+
+
+def read_frame_folder(folder: str | os.PathLike, every: int = 1, fps: float = DEFAULT_FOLDER_FPS, *,
+                      progress: bool = False) -> Iterator[Unit]:
+    """A folder of frames as a video: its images in sorted name order (not recursive), frame ``i`` at ``i / fps``.
+
+    An unreadable image gives an error unit and the sequence goes on.
+
+    Raises:
+        VideoError: the folder holds no images.
+    """
+    from ferkit.infer.recognizer import Recognizer
+
+    p = Path(folder)
+    files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        exts = " ".join(sorted(IMAGE_SUFFIXES))
+        raise VideoError(f"{folder}: folder holds no frames (looked for {exts})")
+    bar = make_progress(len(files), "frames", enabled=progress and len(files) >= PROGRESS_MIN_FILES, desc=p.name)
+    try:
+        for i, f in enumerate(files):
+            if i % every == 0:
+                try:
+                    yield Unit(str(f), frame=i, time=round(i / fps, 3), image=Recognizer.load(f, name=str(f)))
+                except ImageError as e:
+                    yield Unit(str(f), frame=i, time=round(i / fps, 3), error=_problem(str(e), str(f)))
+            bar.update(1)
+    finally:
+        bar.close()
+
+
+def frames(source: str | os.PathLike | int, every: int = 1, *, fps: float = DEFAULT_FOLDER_FPS,
+           progress: bool = False) -> Iterator[Unit]:
+    """The frames of a video file, a webcam (an ``int`` index) or a folder of frames, as :class:`Unit` objects.
+
+    Raises:
+        VideoError: the source cannot be opened, or a video stopped decoding part-way (after its frames so far
+            were yielded); ImageError: a frame in a folder cannot be read.
+    """
+    if every < 1:
+        raise ValueError(f"every must be at least 1, got {every}")
+    if isinstance(source, int):
+        yield from read_webcam(source, every)
+        return
+    p = Path(source)
+    if p.is_dir():
+        units: Iterator[Unit] = read_frame_folder(p, every, fps, progress=progress)
+    elif not p.exists():
+        raise VideoError(f"{source}: no such file or folder")
+    else:
+        units = read_video(os.fspath(source), None, every, progress=progress)
+    for u in units:
+        if u.error is not None:
+            cls = ImageError if p.is_dir() else VideoError
+            raise cls(f"{u.file}: {u.error}")
+        yield u
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_enabled(quiet: bool = False) -> bool:
+    """Progress bars are shown on a terminal only, and never with ``--quiet`` or ``FERKIT_PROGRESS=0``."""
+    return not quiet and os.environ.get("FERKIT_PROGRESS", "1") != "0" and sys.stderr.isatty()
+
+
+def make_progress(total: int | None, unit: str, *, enabled: bool, desc: str | None = None) -> Any:
+    """A tqdm bar on stderr (count, rate, ETA) when ``enabled`` and tqdm is installed, else a no-op bar."""
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the lean install may lack tqdm: no bar rather than a failure
+        return _NoBar()
+    return tqdm(total=total, unit=unit[:-1] if unit.endswith("s") else unit, desc=desc, file=sys.stderr,
+                dynamic_ncols=True, leave=False)
 
 
 def batches(units: Iterator[Unit], batch_size: int) -> Iterator[list[Unit]]:

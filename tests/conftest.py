@@ -151,10 +151,12 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def _running_server(model: str | Path, log_path: Path, timeout: float = 120, env: dict[str, str] | None = None,
+                    python: str | os.PathLike | None = None,
                     **options: object) -> Iterator[tuple[str, subprocess.Popen]]:
     """``ferkit.serve.app.serve(**options)`` in its own process on a free loopback port, until the block ends.
 
-    Yields ``(base_url, process)`` once ``/healthz`` answers 200; the server's output goes to ``log_path``.
+    Yields ``(base_url, process)`` once ``/readyz`` answers 200; the server's output goes to ``log_path``.
+    ``python`` runs it in another interpreter (a fresh install's venv) instead of this one.
     """
     import httpx
 
@@ -162,7 +164,7 @@ def _running_server(model: str | Path, log_path: Path, timeout: float = 120, env
     opts = {"host": "127.0.0.1", "port": port, "model": str(model), "workers": 1, **options}
     code = "from ferkit.serve.app import serve; serve(" + ", ".join(f"{k}={v!r}" for k, v in opts.items()) + ")"
     with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([str(python or sys.executable), "-c", code], stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     base = f"http://127.0.0.1:{port}"
     try:
@@ -171,7 +173,7 @@ def _running_server(model: str | Path, log_path: Path, timeout: float = 120, env
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
             try:
-                if httpx.get(base + "/healthz", timeout=2).status_code == 200:
+                if httpx.get(base + "/readyz", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass

@@ -1,32 +1,39 @@
 """The HTTP server: a FastAPI app around one :class:`~ferkit.infer.recognizer.Recognizer`, and its web page.
 
-Endpoints (see ``/docs`` for the OpenAPI description, ``/openapi.json`` for the machine-readable one):
+Endpoints (see ``/docs`` for the interactive offline description, ``/openapi.json`` for the machine-readable one):
 
 * ``POST /v1/predict`` — an image as multipart field ``file`` or as the raw request body; ``?detect=false`` classifies
   the whole image as one face. 200 with ``{"model", "classes", "image": {"width", "height"}, "faces": [...]}``;
-  413 upload or pixel count too large; 415 not a readable image (empty, truncated, unknown format); 400 malformed
-  multipart; 503 (with ``Retry-After``) when the inference queue is full.
-* ``GET /healthz`` — 200 once the model is loaded.
-* ``GET /v1/models`` — the loaded model and the bundled ones: classes, input size, validation accuracy.
-* ``GET /`` — the web page (``static/index.html``), which needs no network.
+  413 upload or pixel count too large; 415 not a readable image (or a JSON body); 400 malformed multipart or two
+  files; 422 an unknown query parameter; 503 (with ``Retry-After``) when the inference queue is full.
+* ``GET /v1/models`` — the loaded model and the bundled ones, and the server's limits.
+* ``GET /metrics`` — Prometheus metrics of every worker process.
+* ``GET /healthz`` (liveness, always open), ``GET /readyz`` (model loaded and warmed up, always open).
+* ``GET /`` — the web page (``static/index.html``), ``GET /docs`` — the API page; neither needs a network.
 
-Inference runs in a small thread pool, never on the event loop, behind an admission counter: at most
-``max_concurrency`` images are decoded and classified at once and at most ``max_queue`` more wait, so memory stays
-bounded under load. Error responses are ``{"detail": "<one line>"}``; no traceback reaches a client.
+With ``--api-keys`` the ``/v1/*`` and ``/metrics`` routes need a key (401 without, 403 wrong); with
+``--rate-limit N`` each key (or client address) gets N requests per second (429 with ``Retry-After``). Inference
+runs in a small thread pool, never on the event loop, behind an admission counter: at most ``max_concurrency``
+images are decoded and classified at once and at most ``max_queue`` more wait, so memory stays bounded under load.
+Error responses are ``{"detail": "<one line>"}``; no traceback reaches a client. Every response carries
+``X-Request-ID``, and so does every log line.
 
 The options live in :class:`~ferkit.serve.settings.ServeSettings`; upload handling in :mod:`ferkit.serve.upload`,
-the endpoints in :mod:`ferkit.serve.routes`. Run it with :func:`serve`, or
+the endpoints in :mod:`ferkit.serve.routes`, keys and rate limits in :mod:`ferkit.serve.security`, metrics in
+:mod:`ferkit.serve.metrics`, request IDs and logs in :mod:`ferkit.serve.observe`. Run it with :func:`serve`, or
 ``python -m uvicorn ferkit.serve.app:app_from_env --factory`` with ``FERKIT_SERVE_*`` environment variables.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
+import hashlib
 import importlib
 import importlib.util
 import logging
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -34,16 +41,20 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+import numpy as np
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ferkit.errors import FerkitError
-from ferkit.serve.routes import STATIC_DIR, Admission, error, meta_summary, router
+from ferkit.errors import ConfigError, FerkitError, ModelFileError
+from ferkit.serve import metrics as metrics_mod
+from ferkit.serve.observe import ObserveMiddleware, log_config
+from ferkit.serve.routes import STATIC_DIR, Admission, error, meta_summary, protected, public
+from ferkit.serve.security import APIKeys, RateLimiter, guard
 from ferkit.serve.settings import ServeSettings
-from ferkit.serve.upload import one_line
+from ferkit.serve.upload import Rejected, one_line, reject_unknown_query
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +81,49 @@ def _bundled_summaries() -> list[dict[str, Any]]:
     return out
 
 
+def _model_version(spec: str) -> str:
+    """The first 12 hex digits of the model file's SHA-256 (what the metrics and /v1/models call its version)."""
+    from ferkit.modelfile import resolve_model_path
+
+    h = hashlib.sha256()
+    with resolve_model_path(spec).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+def check_model(spec: str) -> None:
+    """Refuse, in one line, a model that would make every worker fail: missing, or not a ferkit model.
+
+    Raises:
+        ModelFileError: what is wrong with ``spec``.
+    """
+    from ferkit.modelfile import read_meta, resolve_model_path
+
+    path = resolve_model_path(spec)
+    if path.suffix.lower() == ".onnx":
+        from ferkit.infer.runtime import OnnxRuntime
+
+        try:
+            OnnxRuntime(path)
+        except (FerkitError, ImportError):
+            raise
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own classes for a file that is not a model
+            raise ModelFileError(f"{spec}: not a usable ONNX model ({type(e).__name__})") from None
+        return
+    read_meta(path)
+
+
+def _warm_up(rec: Any) -> None:
+    """One detection and one classification, so the first client does not pay for lazy initialisation."""
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)
+    rec.predict_arrays([img], detect=True, keep_images=False)
+    rec.classify(np.zeros((1, rec.meta.input_size, rec.meta.input_size), np.uint8))
+
+
 def create_app(settings: ServeSettings | None = None, **options: Any) -> FastAPI:
-    """Build the FastAPI app; the model is loaded when the app starts (its lifespan), not here.
+    """Build the FastAPI app; the model is loaded and warmed up when the app starts (its lifespan), not here.
 
     Args:
         settings: the server's settings (default: ``ServeSettings()``).
@@ -79,40 +131,48 @@ def create_app(settings: ServeSettings | None = None, **options: Any) -> FastAPI
             ``model="fer7"``, ``max_upload_mb=2``.
 
     Raises:
-        ConfigError: an option that is unknown or out of range.
+        ConfigError: an option that is unknown or out of range, or an API keys file without keys.
     """
     s = settings or ServeSettings()
     if options:
         unknown = sorted(set(options) - set(ServeSettings.__dataclass_fields__))
         if unknown:
-            from ferkit.errors import ConfigError
-
             raise ConfigError(f"unknown server option {unknown[0]!r} (see ferkit.serve.settings.ServeSettings)")
         s = s.replace(**options)
+    api_keys = APIKeys.from_file(s.api_keys) if s.api_keys else None
+    state_dir = s.state_dir or metrics_mod.multiprocess_dir()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         from ferkit.infer.recognizer import Recognizer
 
         t0 = time.perf_counter()
-        app.state.recognizer = await asyncio.to_thread(Recognizer, model=s.model, backend=s.backend,
-                                                       detector=s.detector)
-        app.state.admission = Admission(s.concurrency, s.queue)
+        kw: dict[str, Any] = {"model": s.model, "backend": s.backend, "detector": s.detector}
+        if s.detect_size is not None:
+            kw["detect_size"] = s.detect_size
+        rec = await asyncio.to_thread(Recognizer, **kw)
+        app.state.version = await asyncio.to_thread(_model_version, s.model)
+        if metrics_mod.multiprocess_dir():
+            metrics_mod.forget_dead_processes(metrics_mod.multiprocess_dir())
+        app.state.metrics = metrics_mod.Metrics(app.state.label, app.state.version)
+        app.state.admission = Admission(s.concurrency, s.queue, app.state.metrics.queue)
         app.state.pool = ThreadPoolExecutor(s.concurrency, thread_name_prefix="ferkit-infer")
         app.state.bundled = await asyncio.to_thread(_bundled_summaries)
+        await asyncio.get_running_loop().run_in_executor(app.state.pool, _warm_up, rec)
+        app.state.recognizer = rec
+        app.state.ready = True
         log.info(
-            "model %s loaded in %.1f s (backend %s); %d inference slot(s), queue %d, uploads ≤ %.1f MB",
-            app.state.label,
-            time.perf_counter() - t0,
-            getattr(app.state.recognizer, "backend", s.backend),
-            s.concurrency,
-            s.queue,
-            s.max_upload_bytes / 2**20,
+            "model %s (%s) loaded and warmed up in %.1f s (backend %s); %d inference slot(s), queue %d, uploads ≤ "
+            "%.1f MB, ≤ %s pixels; API keys: %s; rate limit: %s",
+            app.state.label, app.state.version, time.perf_counter() - t0, rec.backend, s.concurrency, s.queue,
+            s.max_upload_bytes / 2**20, f"{s.max_pixels:,}", f"{len(api_keys)}" if api_keys else "off",
+            f"{s.rate_limit:g}/s" if s.rate_limit else "off",
         )
         try:
             yield
         finally:
-            app.state.pool.shutdown(wait=False, cancel_futures=True)
+            app.state.ready = False
+            app.state.pool.shutdown(wait=True, cancel_futures=False)  # requests in flight finish (graceful stop)
             app.state.recognizer = None
 
     app = FastAPI(
@@ -121,31 +181,63 @@ def create_app(settings: ServeSettings | None = None, **options: Any) -> FastAPI
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
-        description="Facial expression recognition: detect faces in a photo and classify their expressions.",
+        description="Facial expression recognition: detect faces in a photo and classify their expressions. "
+        + ("Send an API key as 'Authorization: Bearer KEY' or 'X-API-Key: KEY'." if api_keys else ""),
     )
     app.state.settings = s
     app.state.label = _model_label(s.model)
     app.state.recognizer = None
+    app.state.admission = None
+    app.state.metrics = None
+    app.state.ready = False
+    app.state.version = ""
+    app.state.api_keys = api_keys
+    app.state.rate_limiter = (
+        RateLimiter(s.rate_limit, Path(state_dir) / "ratelimit.sqlite" if state_dir else None) if s.rate_limit else None
+    )
+
+    def count(reason: str) -> None:
+        if app.state.metrics is not None:
+            app.state.metrics.rejected(reason)
+
+    @app.exception_handler(Rejected)
+    async def rejected(request: Request, exc: Rejected) -> JSONResponse:
+        count(exc.reason)
+        return error(exc.status, exc.detail, exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        count({404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, str(exc.status_code)))
         return error(exc.status_code, one_line(exc.detail), getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        count("invalid")
         parts = [f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in exc.errors()]
         return error(422, one_line("; ".join(parts) or "invalid request"))
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
         log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+        count("internal")
         return error(500, "internal server error")
 
-    app.include_router(router)
-    for name in EXTRA_ROUTERS:
+    app.include_router(protected)
+    app.include_router(public)
+    for name in EXTRA_ROUTERS:  # other features' routers sit behind the same key, rate limit and query check
         if importlib.util.find_spec(name) is not None:
-            app.include_router(importlib.import_module(name).router)
+            app.include_router(importlib.import_module(name).router,
+                               dependencies=[Depends(reject_unknown_query), Depends(guard)])
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    if s.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(s.cors_origins), allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After"], max_age=600,
+        )
+    app.add_middleware(ObserveMiddleware, access=s.access_log)  # outermost: sees every response, CORS's too
     return app
 
 
@@ -166,42 +258,59 @@ def app_from_env() -> FastAPI:
     return create_app(ServeSettings.from_env())
 
 
+def _fresh_state_dir(s: ServeSettings) -> tuple[str, bool]:
+    """The directory the workers share (metrics, rate limits), emptied; and whether ferkit created it."""
+    if s.state_dir:
+        d = Path(s.state_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        for f in list(d.glob("*.db")) + list(d.glob("ratelimit.sqlite*")):  # only what the server itself writes
+            f.unlink()
+        return str(d), False
+    return tempfile.mkdtemp(prefix="ferkit-serve-"), True
+
+
 def serve(settings: ServeSettings | None = None, **options: Any) -> None:
-    """Run the server with uvicorn until interrupted (``workers`` > 1 starts that many processes).
+    """Run the server with uvicorn until interrupted (``workers`` > 1 starts that many processes, and replaces one
+    that dies).
 
     Args:
         settings: the server's settings (default: from the environment).
         **options: fields of :class:`ServeSettings` that override ``settings``.
 
     Raises:
-        ModelFileError: ``model`` names no model file, run directory or bundled model (checked before starting).
-        ConfigError: an option that is unknown or out of range.
+        ModelFileError: ``model`` is missing or not a ferkit model (checked before any worker starts).
+        ConfigError: an option that is unknown or out of range, or an API keys file that cannot be used.
     """
     import uvicorn
-
-    from ferkit.modelfile import resolve_model_path
 
     s = settings or ServeSettings.from_env()
     if options:
         s = s.replace(**options)
-    resolve_model_path(s.model)  # a user mistake is one line from the CLI, not a failed worker's traceback
+    check_model(s.model)  # a user mistake is one line from the CLI, not a failed worker's traceback per worker
+    if s.api_keys:
+        APIKeys.from_file(s.api_keys)  # same: an unreadable or empty keys file stops here
     # One thread per operator: a server gets its parallelism from concurrent requests, and per-request thread pools
     # competing for the same cores cost more than they give (benchmarks/serve_load.py: 48 vs 39 req/s on 2 cores).
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    if not s.loopback:
-        log.warning("serving on %s: reachable from other machines; the server has no authentication", s.host)
+    if not s.loopback and not s.api_keys:
+        log.warning("serving on %s: reachable from other machines, and without API keys anyone can use it "
+                    "(--api-keys FILE)", s.host)
+    state_dir, created = _fresh_state_dir(s)
+    s = s.replace(state_dir=state_dir)
     os.environ.update(s.to_env())
-    # uvicorn's own logging setup, plus ferkit's loggers on the same handler (also in the worker processes).
-    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
-    log_config["loggers"]["ferkit"] = {"handlers": ["default"], "level": s.log_level.upper(), "propagate": False}
-    uvicorn.run(
-        "ferkit.serve.app:app_from_env",
-        factory=True,
-        host=s.host,
-        port=s.port,
-        workers=s.worker_count,
-        log_level=s.log_level,
-        log_config=log_config,
-        access_log=s.access_log,
-        timeout_graceful_shutdown=s.graceful_timeout_s,
-    )
+    os.environ[metrics_mod.MULTIPROC_ENV] = state_dir  # before any worker imports prometheus_client
+    try:
+        uvicorn.run(
+            "ferkit.serve.app:app_from_env",
+            factory=True,
+            host=s.host,
+            port=s.port,
+            workers=s.worker_count,
+            log_level=s.log_level,
+            log_config=log_config(s.log_level, s.log_format),
+            access_log=False,  # ferkit.access writes it, with the request ID (see ferkit.serve.observe)
+            timeout_graceful_shutdown=s.graceful_timeout_s,
+        )
+    finally:
+        if created:
+            shutil.rmtree(state_dir, ignore_errors=True)

@@ -1,7 +1,8 @@
-"""The HTTP endpoints: ``/v1/predict``, ``/v1/models``, ``/healthz``, the web page and the offline API docs.
+"""The HTTP endpoints: ``/v1/predict``, ``/v1/models``, ``/metrics`` (behind the API key and rate limit when
+configured), ``/healthz``, ``/readyz``, the web page and the offline API docs (always open).
 
-The routes read what the app's lifespan put on ``request.app.state``: ``settings``, ``recognizer``, ``admission``,
-``pool``, ``bundled`` and ``label`` (see :mod:`ferkit.serve.app`).
+The routes read what :mod:`ferkit.serve.app` puts on ``request.app.state``: ``settings``, ``recognizer``,
+``admission``, ``pool``, ``bundled``, ``label``, ``version``, ``metrics``, ``ready``.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
-from ferkit.errors import FerkitError, ImageError
-from ferkit.serve.upload import Rejected, image_bytes, one_line
+from ferkit.errors import FerkitError, ImageError, ImageTooLargeError, ImageTooSmallError
+from ferkit.serve import schemas
+from ferkit.serve.security import guard
+from ferkit.serve.upload import Rejected, image_bytes, one_line, reject_unknown_query
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +31,18 @@ PAGE_CSP = (
     "frame-ancestors 'none'"
 )
 
-router = APIRouter()
+#: Exception class → (HTTP status, rejection reason), most specific first; the message text is never consulted.
+STATUS_FOR: tuple[tuple[type[BaseException], int, str], ...] = (
+    (ImageTooLargeError, 413, "too_large"),
+    (ImageTooSmallError, 422, "too_small"),
+    (ImageError, 415, "unsupported"),
+    (FerkitError, 422, "invalid"),
+)
+
+#: Routes behind the API key and the rate limit (``/healthz``, ``/readyz``, the pages and their files stay open).
+protected = APIRouter(dependencies=[Depends(reject_unknown_query), Depends(guard)], responses=schemas.AUTH_RESPONSES)
+#: Routes anyone may call.
+public = APIRouter(dependencies=[Depends(reject_unknown_query)])
 
 
 def error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -36,22 +50,35 @@ def error(status: int, detail: str, headers: dict[str, str] | None = None) -> JS
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
+def rejection(exc: BaseException) -> Rejected:
+    """The HTTP refusal for a ferkit error raised while handling a request, by its class."""
+    for cls, status, reason in STATUS_FOR:
+        if isinstance(exc, cls):
+            return Rejected(status, one_line(exc), reason=reason)
+    raise TypeError(f"no HTTP status for {type(exc).__name__}")
+
+
 class Admission:
     """At most ``concurrency`` requests run and ``queue`` wait; anything beyond is refused at once."""
 
-    def __init__(self, concurrency: int, queue: int) -> None:
+    def __init__(self, concurrency: int, queue: int, gauge: Any = None) -> None:
         self.concurrency, self.queue = concurrency, queue
         self.admitted = 0
         self.running = asyncio.Semaphore(concurrency)
+        self._gauge = gauge
 
     def try_enter(self) -> bool:
         if self.admitted >= self.concurrency + self.queue:
             return False
         self.admitted += 1
+        if self._gauge is not None:
+            self._gauge.inc()
         return True
 
     def leave(self) -> None:
         self.admitted -= 1
+        if self._gauge is not None:
+            self._gauge.dec()
 
 
 def meta_summary(meta: Any) -> dict[str, Any]:
@@ -63,31 +90,40 @@ def meta_summary(meta: Any) -> dict[str, Any]:
         "input_size": meta.input_size,
         "val_accuracy": metrics.get("accuracy"),
         "val_split": metrics.get("val_split"),
-        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
+        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)},
     }
 
 
 def _infer(state: Any, data: bytes, name: str, detect: bool) -> dict[str, Any]:
     rec = state.recognizer
-    image = rec.load(data, name=name)  # decoded here (not by predict) to report the size the boxes refer to
+    t0 = time.perf_counter()
+    # decoded here (not by predict) to report the size the boxes refer to, and under the server's own pixel limit
+    image = rec.load(data, name=name, max_pixels=state.settings.max_pixels)
     h, w = image.shape[:2]
     res = rec.predict_arrays([image], detect=detect, keep_images=False)[0].to_dict()
     res.pop("file", None)
+    if state.metrics is not None:
+        state.metrics.inference.labels(**state.metrics.labels).observe(time.perf_counter() - t0)
+        state.metrics.faces.labels(**state.metrics.labels).observe(len(res.get("faces", ())))
     return {"model": state.label, "classes": list(rec.classes), "image": {"width": w, "height": h}, **res}
 
 
-@router.post(
+def _responses(**codes: str) -> dict[int | str, dict[str, Any]]:
+    return {int(k[1:]): {"model": schemas.Error, "description": v} for k, v in codes.items()}
+
+
+@protected.post(
     "/v1/predict",
     summary="Detect faces and classify their expressions",
-    responses={
-        200: {"description": "faces with boxes (x, y, w, h in image pixels), labels and class probabilities"},
-        400: {"description": "malformed multipart upload"},
-        408: {"description": "upload not received in time"},
-        413: {"description": "upload over the size limit, or image over the pixel limit"},
-        415: {"description": "not a readable image (empty, truncated, unknown format)"},
-        422: {"description": "bad query parameter, or an image too small to hold a face"},
-        503: {"description": "busy: inference queue full (see Retry-After) or model not loaded"},
-    },
+    response_model=schemas.Prediction,
+    responses=_responses(
+        e400="malformed multipart upload, or more than one file in it",
+        e408="upload not received in time",
+        e413="upload over the size limit, or image over the pixel limit",
+        e415="not a readable image (empty, truncated, unknown format), or a JSON/form body instead of an image",
+        e422="bad or unknown query parameter, or an image too small to hold a face",
+        e503="busy: inference queue full (see Retry-After) or model not loaded",
+    ),
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -108,13 +144,14 @@ def _infer(state: Any, data: bytes, name: str, detect: bool) -> dict[str, Any]:
 async def predict(
     request: Request,
     detect: bool = Query(True, description="find faces first; false classifies the whole image"),
-) -> Response:
+) -> dict[str, Any]:
     state = request.app.state
-    admission: Admission | None = getattr(state, "admission", None)
+    admission: Admission | None = state.admission
     if state.recognizer is None or admission is None:
-        return error(503, "model not loaded yet", {"Retry-After": "2"})
+        raise Rejected(503, "model not loaded yet", {"Retry-After": "2"}, reason="not_ready")
     if not admission.try_enter():
-        return error(503, "server busy: too many requests waiting; retry shortly", {"Retry-After": "1"})
+        raise Rejected(503, "server busy: too many requests waiting; retry shortly", {"Retry-After": "1"},
+                       reason="busy")
     t0 = time.perf_counter()
     try:
         data, name = await image_bytes(request, state.settings.max_upload_bytes)
@@ -122,44 +159,56 @@ async def predict(
             loop = asyncio.get_running_loop()
             out = await loop.run_in_executor(state.pool, _infer, state, data, name, detect)
         del data
-    except Rejected as e:
-        return error(e.status, e.detail, e.headers)
-    except ImageError as e:
-        msg = one_line(e)
-        return error(413 if "too large" in msg else 422 if "too small" in msg else 415, msg)
     except FerkitError as e:
-        return error(422, one_line(e))
-    except ClientDisconnect:
-        return Response(status_code=400)  # nobody is listening; just free the slot
+        raise rejection(e) from None
+    except ClientDisconnect:  # nobody is listening any more; just free the slot
+        raise Rejected(400, "client disconnected during the upload", reason="disconnected") from None
     except MemoryError:
         log.error("out of memory while handling an upload")
-        return error(503, "server out of memory for this image; try a smaller one", {"Retry-After": "5"})
+        raise Rejected(503, "server out of memory for this image; try a smaller one", {"Retry-After": "5"},
+                       reason="memory") from None
     finally:
         admission.leave()
     out["time_ms"] = round((time.perf_counter() - t0) * 1000, 1)
-    return JSONResponse(out)
+    return out
 
 
-@router.get("/healthz", summary="200 once the model is loaded")
-async def healthz(request: Request) -> Response:
-    state = request.app.state
-    rec = state.recognizer
-    if rec is None:
-        return error(503, "model not loaded")
-    return JSONResponse(
-        {"status": "ok", "model": state.label, "classes": list(rec.classes), "in_flight": state.admission.admitted}
-    )
-
-
-@router.get("/v1/models", summary="The loaded model and the bundled ones")
-async def models(request: Request) -> Response:
+@protected.get("/v1/models", summary="The loaded model, the bundled ones and the server's limits",
+               response_model=schemas.Models)
+async def models(request: Request) -> dict[str, Any]:
     state = request.app.state
     rec, s = state.recognizer, state.settings
     if rec is None:
-        return error(503, "model not loaded")
-    loaded = {"name": state.label, "backend": str(getattr(rec, "backend", s.backend)), **meta_summary(rec.meta)}
-    limits = {"max_upload_bytes": s.max_upload_bytes, "max_concurrency": s.concurrency, "max_queue": s.queue}
-    return JSONResponse({"loaded": loaded, "bundled": state.bundled, "limits": limits})
+        raise Rejected(503, "model not loaded", {"Retry-After": "2"}, reason="not_ready")
+    loaded = {"name": state.label, "backend": str(getattr(rec, "backend", s.backend)), "version": state.version,
+              **meta_summary(rec.meta)}
+    limits = {"max_upload_bytes": s.max_upload_bytes, "max_pixels": s.max_pixels, "max_concurrency": s.concurrency,
+              "max_queue": s.queue, "rate_limit_per_s": s.rate_limit, "auth": state.api_keys is not None}
+    return {"loaded": loaded, "bundled": state.bundled, "limits": limits}
+
+
+@protected.get("/metrics", summary="Prometheus metrics (text format) of every worker process",
+               response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+async def metrics(request: Request) -> Response:
+    body, ctype = request.app.state.metrics.exposition()
+    return Response(body, media_type=ctype)
+
+
+@public.get("/healthz", summary="Liveness: 200 while the process is up", response_model=schemas.Health)
+async def healthz(request: Request) -> dict[str, Any]:
+    state = request.app.state
+    adm = state.admission
+    return {"status": "ok", "model_loaded": state.recognizer is not None, "in_flight": adm.admitted if adm else 0}
+
+
+@public.get("/readyz", summary="Readiness: 200 once the model is loaded and a warm-up inference ran",
+            response_model=schemas.Ready, responses=_responses(e503="not ready yet, or shutting down"))
+async def readyz(request: Request) -> dict[str, Any]:
+    state = request.app.state
+    if not state.ready or state.recognizer is None:
+        raise Rejected(503, "not ready: the model is loading or the server is stopping", {"Retry-After": "1"},
+                       reason="not_ready")
+    return {"status": "ready", "model": state.label, "classes": list(state.recognizer.classes)}
 
 
 def _page(name: str) -> FileResponse:
@@ -170,12 +219,12 @@ def _page(name: str) -> FileResponse:
     )
 
 
-@router.get("/", include_in_schema=False)
+@public.get("/", include_in_schema=False)
 async def index() -> FileResponse:
     return _page("index.html")
 
 
-@router.get("/docs", include_in_schema=False)
+@public.get("/docs", include_in_schema=False)
 async def docs() -> FileResponse:
     # FastAPI's Swagger page loads its scripts from a CDN; this one renders /openapi.json with no network.
     return _page("docs.html")

@@ -57,9 +57,35 @@ async def read_body(request: Request, limit: int, shown_limit: int) -> bytes:
     return b"".join(chunks)
 
 
+#: Bodies that are not an image, and what to send instead.
+HOW_TO_SEND = ("send the image itself: as multipart field 'file' (curl -F file=@photo.jpg URL) or as the raw body "
+               "(curl --data-binary @photo.jpg -H 'Content-Type: image/jpeg' URL)")
+NOT_AN_IMAGE_TYPES = ("application/json", "application/x-www-form-urlencoded", "text/")
+
+
+async def reject_unknown_query(request: Request) -> None:
+    """A route dependency: 422 for a query parameter the route does not declare (a typo must not be ignored)."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None or not request.query_params:
+        return
+    known = {p.alias for p in dependant.query_params}
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        valid = ", ".join(sorted(known)) or "none"
+        raise Rejected(422, f"unknown query parameter '{unknown[0]}' (valid: {valid})", reason="invalid")
+
+
 async def image_bytes(request: Request, max_bytes: int) -> tuple[bytes, str]:
-    """The uploaded image and a name for it: the multipart field ``file``, or the raw body."""
+    """The uploaded image and a name for it: the multipart field ``file``, or the raw body.
+
+    Raises:
+        Rejected: 413 over ``max_bytes``, 408 too slow, 400 malformed multipart or more than one file, 415 a JSON,
+            form or text body.
+    """
     ctype = request.headers.get("content-type", "").lower()
+    if ctype.startswith(NOT_AN_IMAGE_TYPES):
+        raise Rejected(415, f"a {ctype.split(';')[0]} body is not an image; {HOW_TO_SEND}")
     if ctype.startswith("multipart/form-data"):
         body = await read_body(request, max_bytes + MULTIPART_OVERHEAD, max_bytes)
 
@@ -71,6 +97,10 @@ async def image_bytes(request: Request, max_bytes: int) -> tuple[bytes, str]:
         except StarletteHTTPException as e:
             raise Rejected(400, f"malformed multipart upload: {one_line(e.detail)}") from None
         try:
+            files = [(k, v) for k, v in form.multi_items() if not isinstance(v, str)]
+            if len(files) > 1:
+                names = ", ".join(f"'{k}'" for k, _ in files)
+                raise Rejected(400, f"{len(files)} files in one upload (fields {names}); send one image per request")
             upload = form.get("file")
             if upload is None or isinstance(upload, str):
                 raise Rejected(400, "multipart upload without a file in field 'file'")

@@ -99,8 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default=None, help="test | validation (default: test if present, else validation)")
     e.add_argument("--classes", help="restrict to these classes")
     e.add_argument("--tta", default="none", choices=["none", "flip", "tencrop"])
-    e.add_argument("--out", help="write metrics.json and confusion_matrix.png here")
+    e.add_argument("--out", help="write metrics.json, confusion_matrix.png, reliability.png and coverage.png here")
     e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--min-score", type=float, default=None, metavar="P",
+                   help="also report coverage and accuracy on the faces whose top calibrated score is at least P")
     e.add_argument("--batch-size", type=int, default=512)
     e.add_argument("--strict", action="store_true", help="fail on the first unreadable image")
 
@@ -114,6 +116,22 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--every", type=int, default=1, help="video: every Nth frame")
     pr.add_argument("--batch-size", type=int, default=64)
     pr.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"])
+    pr.add_argument("--track", action="store_true", help="video: give each face a track ID and smoothed scores")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    tk = sub.add_parser("track", help="follow each person through videos: per-frame CSV, per-track summary, timeline",
+                        description="For each video (or folder of frames) write NAME.frames.csv, NAME.tracks.json, "
+                                    "NAME.timeline.png and, with --save-video, NAME.tracked.mp4 into --out.")
+    tk.add_argument("inputs", nargs="+", metavar="VIDEO", help="video files or folders of frames (sorted by name)")
+    tk.add_argument("--out", default=".", metavar="DIR", help="output folder (default: the current one)")
+    tk.add_argument("--every", type=int, default=1, help="use every Nth frame")
+    tk.add_argument("--model", default="fer3")
+    tk.add_argument("--save-video", action="store_true", help="also write an annotated MP4")
+    tk.add_argument("--smooth", type=float, default=None, metavar="SECONDS",
+                    help="time constant of the score smoothing (default 0.5)")
+    tk.add_argument("--detector", default="yunet")
+    tk.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"])
+    tk.add_argument("--quiet", action="store_true", help="no progress bar")
 
     x = sub.add_parser("export", help="export a model to ONNX with a parity check, or pack an ensemble")
     x.add_argument("--model", required=True, help="model name, run dir or file; comma-separated for an ensemble")
@@ -132,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list bundled models (and architectures)")
     m.add_argument("--json", action="store_true")
     m.add_argument("--arch", action="store_true", help="list trainable architectures instead")
+    m.add_argument("--card", metavar="NAME", help="print a bundled model's model card")
 
     dl = sub.add_parser("download", help="download a dataset (needs network)")
     dl.add_argument("dataset", choices=["fer2013"])
@@ -209,7 +228,11 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from ferkit.ensemble import evaluate_models
     from ferkit.modelfile import model_specs
 
-    m = evaluate_models(
+    if a.min_score is not None and not 0.0 <= a.min_score <= 1.0:
+        from ferkit.errors import ConfigError
+
+        raise ConfigError(f"--min-score {a.min_score:g}: a score between 0 and 1")
+    m, probs, labels = evaluate_models(
         model_specs(a.model),
         data=a.data,
         split=a.split,
@@ -217,12 +240,15 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         tta=a.tta,
         batch_size=a.batch_size,
         strict=a.strict,
+        min_score=a.min_score,
+        return_probs=True,
         say=lambda s: print(s, file=sys.stderr),
     )
     if a.out:
         from ferkit.evaluate import write_report
 
-        write_report(m, a.out, title=f"{a.model} on {m['split']}: {m['accuracy'] * 100:.2f}% (tta {a.tta})")
+        write_report(m, a.out, title=f"{a.model} on {m['split']}: {m['accuracy'] * 100:.2f}% (tta {a.tta})",
+                     probs=probs, labels=labels)
     if a.json:
         print(json.dumps(m))
     else:
@@ -246,7 +272,16 @@ def cmd_predict(a: argparse.Namespace) -> int:
         every=a.every,
         batch_size=a.batch_size,
         backend=a.backend,
+        track=a.track,
+        quiet=a.quiet,
     )
+
+
+def cmd_track(a: argparse.Namespace) -> int:
+    from ferkit.infer.predict import run_track
+
+    return run_track(a.inputs, out_dir=a.out, model=a.model, every=a.every, save_video=a.save_video,
+                     detector=a.detector, backend=a.backend, smooth=a.smooth, quiet=a.quiet)
 
 
 def cmd_export(a: argparse.Namespace) -> int:
@@ -285,6 +320,17 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def cmd_models(a: argparse.Namespace) -> int:
+    if a.card:
+        from ferkit.errors import UnknownNameError
+        from ferkit.modelfile import bundled_models
+
+        models = bundled_models()
+        if a.card not in models:
+            raise UnknownNameError("bundled model", a.card, models)
+        card = models[a.card].with_suffix(".md")
+        print(card.read_text(encoding="utf-8") if card.is_file() else f"{a.card}: no model card ({card} is missing)",
+              end="")
+        return 0
     if a.arch:
         from ferkit.models import get_model_info, list_models
 
@@ -344,6 +390,7 @@ COMMANDS = {
     "distill": cmd_distill,
     "evaluate": cmd_evaluate,
     "predict": cmd_predict,
+    "track": cmd_track,
     "export": cmd_export,
     "serve": cmd_serve,
     "models": cmd_models,
@@ -370,7 +417,9 @@ def main(argv: list[str] | None = None) -> int:
         _error(str(e))
         return e.exit_code
     except ImportError as e:  # a missing extra: the message names the pip install that fixes it
-        _error(str(e))
+        from ferkit._extras import explain
+
+        _error(explain(e, f"ferkit {a.command}"))
         return 1
     except OSError as e:  # the environment: permissions, full disk, a vanished file
         _error(_os_error_message(e))

@@ -10,23 +10,31 @@ The stages live in their own modules: :mod:`ferkit.infer.sources` (inputs → fr
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
-from typing import TextIO
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, TextIO
 
 from ferkit.errors import FerkitError
 from ferkit.infer.sinks import FORMATS, Writer, save_annotated_image
-from ferkit.infer.sources import VIDEO_SUFFIXES, batches, expand_inputs, read_units
+from ferkit.infer.sources import (VIDEO_SUFFIXES, Unit, batches, expand_inputs, is_video, progress_enabled, read_units,
+                                  read_video, video_fps)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ferkit.infer.recognizer import Recognizer
+    from ferkit.infer.results import Results
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FORMATS", "VIDEO_SUFFIXES", "run_predict"]
+__all__ = ["FORMATS", "VIDEO_SUFFIXES", "run_predict", "run_track"]
 
 
 def run_predict(inputs: list[str], *, model: str = "fer3", fmt: str = "table", save_annotated: str | None = None,
                 no_detect: bool = False, detector: str = "yunet", every: int = 1, batch_size: int = 64,
-                backend: str = "auto", out: TextIO | None = None, err: TextIO | None = None) -> int:
+                backend: str = "auto", track: bool = False, quiet: bool = False, out: TextIO | None = None,
+                err: TextIO | None = None) -> int:
     """Recognise expressions in images, folders (recursively) and videos and print the results.
 
     Args:
@@ -40,6 +48,8 @@ def run_predict(inputs: list[str], *, model: str = "fer3", fmt: str = "table", s
         every: for videos, use every Nth frame.
         batch_size: images (or frames) whose faces are classified together.
         backend: ``auto``, ``onnx`` or ``torch``.
+        track: give the faces of videos track IDs and smoothed scores (see :mod:`ferkit.infer.track`).
+        quiet: no progress bar (there is none anyway when stderr is not a terminal).
         out: where results go (default stdout); err: where errors go (default stderr).
 
     Returns:
@@ -74,26 +84,164 @@ def run_predict(inputs: list[str], *, model: str = "fer3", fmt: str = "table", s
     writer = Writer(fmt, out, rec.classes, [j[0] for j in jobs])
     status = 0
     try:
-        for batch in batches(read_units(jobs, every), batch_size):
-            good = [u for u in batch if u.image is not None]
-            results = rec.predict_arrays([u.image for u in good], [u.file for u in good], detect=not no_detect,
-                                         keep_images=out_dir is not None)
-            by_id = {id(u): r for u, r in zip(good, results)}
-            for u in batch:
-                el = u.head()
-                if u.error is not None:
-                    status = fail(f"{u.file}: {u.error}")
-                    el["error"] = u.error
-                else:
-                    r = by_id[id(u)]
-                    el["faces"] = [f.to_dict() for f in r.faces]
-                    if out_dir is not None:
-                        try:
-                            save_annotated_image(r.plot(), u, out_dir)
-                        except OSError as e:
-                            status = fail(f"{out_dir}: cannot write the annotated copy of {u.file} ({e})")
-                writer.element(el)
-                u.image = None  # release the pixels as soon as the element is out
+        for u, r in _recognise(rec, jobs, every=every, batch_size=batch_size, no_detect=no_detect,
+                               keep_images=out_dir is not None, track=track, progress=progress_enabled(quiet)):
+            el = u.head()
+            if u.error is not None:
+                status = fail(f"{u.file}: {u.error}")
+                el["error"] = u.error
+            else:
+                el["faces"] = [f.to_dict() for f in r.faces]
+                if out_dir is not None:
+                    try:
+                        save_annotated_image(r.plot(), u, out_dir)
+                    except OSError as e:
+                        status = fail(f"{out_dir}: cannot write the annotated copy of {u.file} ({e})")
+            writer.element(el)
+            u.image = r.image = None  # release the pixels as soon as the element is out
     finally:
         writer.close()
+    return status
+
+
+def _recognise(rec: Recognizer, jobs: list[tuple[str, Path, str | None]], *, every: int, batch_size: int,
+               no_detect: bool, keep_images: bool, track: bool, progress: bool) -> Iterator[tuple[Unit, Results]]:
+    """``(unit, results)`` for every image and sampled frame of ``jobs``, in order (results empty for errors).
+
+    Images and untracked frames are classified in batches across inputs; a tracked video goes frame by frame
+    through :func:`ferkit.infer.track.track_units`, which needs its frames in order.
+    """
+    from ferkit.infer.results import Results
+    from ferkit.infer.track import track_units
+
+    def untracked(run: list[tuple[str, Path, str | None]]) -> Iterator[tuple[Unit, Results]]:
+        for batch in batches(read_units(run, every, progress=progress), batch_size):
+            good = [u for u in batch if u.image is not None]
+            results = iter(rec.predict_arrays([u.image for u in good], [u.file for u in good], detect=not no_detect,
+                                              keep_images=keep_images))
+            for u in batch:
+                yield u, (next(results) if u.image is not None else Results([], None, u.file))
+
+    run: list[tuple[str, Path, str | None]] = []
+    for job in jobs:
+        if not (track and job[2] is None and is_video(Path(job[0]))):
+            run.append(job)
+            continue
+        yield from untracked(run)
+        run = []
+        file, save_as, _ = job
+        yield from track_units(rec, read_video(file, save_as, every, progress=progress), fps=video_fps(file),
+                               every=every, keep_images=keep_images)
+    yield from untracked(run)
+
+
+def run_track(inputs: list[str], *, out_dir: str = ".", model: str = "fer3", every: int = 1, save_video: bool = False,
+              detector: str = "yunet", backend: str = "auto", smooth: float | None = None, quiet: bool = False,
+              out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Track the faces of videos (or folders of frames) and write, per input, into ``out_dir``:
+    ``NAME.frames.csv``, ``NAME.tracks.json``, ``NAME.timeline.png`` and, with ``save_video``, ``NAME.tracked.mp4``.
+
+    A one-line summary per input goes to ``out``; errors to ``err`` as ``ferkit: error: PATH: PROBLEM``. A video
+    that stops decoding part-way still gets its files (its summary's ``"error"`` says how many frames were read of
+    how many declared), and the exit status is 1.
+
+    Returns:
+        The exit status: 0, or 1 if any input (or the model) could not be used.
+    """
+    from ferkit.errors import OutputError, VideoError
+    from ferkit.infer.recognizer import Recognizer
+    from ferkit.infer.report import VideoReport
+    from ferkit.infer.results import draw_faces
+    from ferkit.infer.sinks import VideoSink
+    from ferkit.infer.sources import DEFAULT_FOLDER_FPS, open_video, read_frame_folder
+    from ferkit.infer.track import LOST_SECONDS, SMOOTH_SECONDS, track_units
+
+    out = out if out is not None else sys.stdout
+    err = err if err is not None else sys.stderr
+
+    def fail(message: str) -> int:
+        err.write(f"ferkit: error: {message}\n")
+        err.flush()
+        return 1
+
+    tau = SMOOTH_SECONDS if smooth is None else smooth
+    if every < 1:
+        return fail(f"--every must be at least 1, got {every}")
+    if tau < 0:
+        return fail(f"--smooth must be at least 0 seconds, got {tau}")
+    if not inputs:
+        return fail("no inputs given (videos or folders of frames)")
+    dest = Path(out_dir)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return fail(f"{out_dir}: cannot create the output folder ({e.strerror or e})")
+    try:
+        rec = Recognizer(model, backend=backend, detector=detector)
+    except (FerkitError, ImportError) as e:
+        return fail(str(e))
+
+    given = {Path(i).resolve() for i in inputs}
+    used: set[str] = set()
+    progress = progress_enabled(quiet)
+    status = 0
+    for inp in inputs:
+        p = Path(inp)
+        name = p.name if p.is_dir() else p.stem
+        base, k = name or "video", 2
+        while name in used:  # two inputs with one name (a/clip.mp4, b/clip.mp4) must not overwrite each other
+            name, k = f"{base}-{k}", k + 1
+        used.add(name)
+        try:
+            if p.is_dir():
+                units, fps = read_frame_folder(p, every, progress=progress), DEFAULT_FOLDER_FPS
+                declared = 0
+            elif not p.exists():
+                raise VideoError(f"{inp}: no such file or folder")
+            else:
+                cap, info = open_video(inp)
+                cap.release()
+                units, fps, declared = read_video(inp, None, every, progress=progress), info.fps, info.frames
+            targets = {s: dest / f"{name}.{s}" for s in ("frames.csv", "tracks.json", "timeline.png", "tracked.mp4")}
+            for t in targets.values():
+                if t.resolve() in given:
+                    raise OutputError(f"{t}: would overwrite an input; choose another --out")
+            report = VideoReport(rec.classes, file=inp, fps=fps, declared_frames=declared, every=every,
+                                 model=model, smoothing_seconds=tau, lost_seconds=LOST_SECONDS)
+            sink = VideoSink(targets["tracked.mp4"], fps / every if fps > 0 else 0.0) if save_video else None
+            try:
+                for u, res in track_units(rec, units, fps=fps, every=every, tau=tau, keep_images=save_video):
+                    if u.error is not None:
+                        status = fail(f"{u.file}: {u.error}")
+                        if u.frame is None:  # the video as a whole (truncated): goes in its summary
+                            report.error = u.error
+                        continue
+                    report.add(res)
+                    if sink is not None and res.image is not None:
+                        sink.write(draw_faces(res.image, res.faces))
+                        res.image = None
+            except BaseException:
+                if sink is not None:
+                    sink.abort()
+                raise
+            if report.frames_processed == 0:
+                if sink is not None:
+                    sink.abort()
+                continue  # nothing read: the error above says why; no empty files
+            if sink is not None:
+                sink.close()
+            report.to_csv(targets["frames.csv"])
+            summary = json.loads(report.to_json(targets["tracks.json"]))
+            report.plot_timeline(targets["timeline.png"])
+        except (VideoError, OutputError) as e:
+            status = fail(str(e))
+            continue
+        except OSError as e:
+            status = fail(f"{out_dir}: cannot write the results for {inp} ({e.strerror or e})")
+            continue
+        labels = ", ".join(f"#{t['track']} {t['label']} {t['share'][t['label']]:.0%} of {t['seconds_visible']:.1f}s"
+                           for t in summary["tracks"]) or "no face tracked"
+        out.write(f"{inp}: {summary['frames_processed']} frames, {len(summary['tracks'])} tracks ({labels}) -> "
+                  f"{dest / name}.*\n")
+        out.flush()
     return status

@@ -136,15 +136,13 @@ class Recognizer:
         Raises:
             VideoError: the source cannot be opened, or stops decoding part-way (after its frames so far).
         """
-        from ferkit.infer.sources import DEFAULT_FOLDER_FPS, frames, open_video
+        from ferkit.infer.sources import DEFAULT_FOLDER_FPS, frames, video_fps
         from ferkit.infer.track import track_units
 
         if isinstance(source, int) or not os.path.isfile(source):  # webcam, folder, or missing (frames() says so)
             fps = 0.0 if isinstance(source, int) else DEFAULT_FOLDER_FPS
         else:
-            cap, info = open_video(os.fspath(source))
-            cap.release()
-            fps = info.fps
+            fps = video_fps(os.fspath(source))
         for _, res in track_units(self, frames(source, every), fps=fps, every=every, keep_images=keep_images,
                                   **kwargs):
             yield res

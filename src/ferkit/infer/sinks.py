@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FORMATS", "Writer", "save_annotated_image"]
+__all__ = ["FORMATS", "VideoSink", "Writer", "save_annotated_image"]
 
 FORMATS = ("table", "json", "jsonl", "csv")
 
@@ -85,3 +85,44 @@ def save_annotated_image(plot: np.ndarray, unit: Unit, out_dir: Path) -> None:
         im.save(path)
     except (ValueError, OSError, KeyError):  # a format Pillow reads but cannot write in RGB (or unknown suffix)
         im.save(path.with_suffix(".png"))
+
+
+class VideoSink:
+    """Writes annotated frames to an MP4 (``mp4v``) under a temporary name; :meth:`close` renames it into place,
+    :meth:`abort` removes it."""
+
+    def __init__(self, path: str | Path, fps: float) -> None:
+        import contextlib
+
+        from ferkit.fsutil import atomic_path
+
+        self.path, self.fps = Path(path), fps if fps > 0 else 30.0
+        self._ctx: contextlib.AbstractContextManager[Path] = atomic_path(self.path)
+        self._tmp = self._ctx.__enter__()
+        self._vw: Any = None
+
+    def write(self, rgb: np.ndarray) -> None:
+        """Append one RGB frame (the first one fixes the video's size)."""
+        import cv2
+
+        if self._vw is None:
+            h, w = rgb.shape[:2]
+            self._vw = cv2.VideoWriter(str(self._tmp), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (w, h))
+            if not self._vw.isOpened():
+                raise OSError(f"{self.path}: OpenCV cannot write an MP4 video here")
+        self._vw.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR) if rgb.ndim == 3 else cv2.cvtColor(rgb,
+                                                                                                cv2.COLOR_GRAY2BGR))
+
+    def close(self) -> None:
+        if self._vw is not None:
+            self._vw.release()
+        self._ctx.__exit__(None, None, None)
+
+    def abort(self) -> None:
+        if self._vw is not None:
+            self._vw.release()
+        err = OSError("aborted")
+        try:
+            self._ctx.__exit__(OSError, err, None)
+        except OSError:
+            pass

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["MAX_BATCH_PIXELS", "VIDEO_SUFFIXES", "Unit", "VideoInfo", "batches", "expand_inputs", "frames", "is_video",
            "make_progress", "open_video", "progress_enabled", "read_frame_folder", "read_units", "read_video",
-           "read_webcam"]
+           "read_webcam", "video_fps"]
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv",
                             ".3gp", ".ts", ".mts", ".m2ts", ".ogv"})
@@ -155,6 +155,16 @@ def open_video(source: str | int) -> tuple[Any, VideoInfo]:
     info = VideoInfo(fps if fps > 0 else 0.0, max(frames, 0), int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)),
                      int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
     return cap, info
+
+
+def video_fps(file: str) -> float:
+    """The frame rate a video declares (0.0 when unknown or unreadable: the reader then reports the problem)."""
+    try:
+        cap, info = open_video(file)
+    except VideoError:
+        return 0.0
+    cap.release()
+    return info.fps
 
 
 def read_video(file: str, save_as: Path | None, every: int, *, progress: bool = False) -> Iterator[Unit]:

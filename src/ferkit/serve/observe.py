@@ -34,11 +34,16 @@ class RequestIdFilter(logging.Filter):
 
 def log_config(level: str = "info", fmt: str = "text") -> dict[str, Any]:
     """A :func:`logging.config.dictConfig` for uvicorn and ferkit (uvicorn applies it in every worker process)."""
-    formatter: dict[str, Any] = (
-        {"()": "pythonjsonlogger.json.JsonFormatter", "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s",
-         "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"}}
-        if fmt == "json" else {"format": TEXT_FORMAT}
-    )
+    formatter: dict[str, Any] = {"format": TEXT_FORMAT}
+    if fmt == "json":
+        from pythonjsonlogger.core import RESERVED_ATTRS
+
+        formatter = {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s",
+            "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
+            "reserved_attrs": [*RESERVED_ATTRS, "color_message"],  # uvicorn's ANSI-coloured copy of the message
+        }
     handler = {"class": "logging.StreamHandler", "formatter": "main", "filters": ["request_id"],
                "stream": "ext://sys.stderr"}
     lv = level.upper()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-#: The distribution-level name (``import`` name → extra) for the modules commands ask for.
+#: Which extra brings each optional top-level module (import name → extra).
 EXTRA_OF = {
     "torch": "train", "lightning": "train", "torchmetrics": "train", "yaml": "train", "matplotlib": "train",
     "tqdm": "train", "onnx": "train", "timm": "train",
@@ -39,4 +39,16 @@ def require(module: str, extra: str | None = None, *, what: str = "") -> ModuleT
         raise ImportError(f"{need}: {install_hint(extra)} ({e})") from None
 
 
-__all__ = ["EXTRA_OF", "install_hint", "require"]
+def explain(e: ImportError, what: str = "") -> str:
+    """One line for an ``ImportError`` that reached a command: its own text when it already names a ``pip install``,
+    else which extra brings the missing module (``ferkit train needs torch: pip install 'ferkit[train]'``)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "pip install" in text:
+        return text
+    top = (e.name or "").split(".")[0]
+    if top in EXTRA_OF:
+        return f"{what or 'this'} needs {top}: {install_hint(EXTRA_OF[top])}"
+    return text
+
+
+__all__ = ["EXTRA_OF", "explain", "install_hint", "require"]

@@ -3,6 +3,7 @@ bad input, an interrupted run, reproducibility."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -185,9 +186,18 @@ def test_packed_ensemble_is_one_model_file(
     from ferkit.data import find_dataset
 
     src = find_dataset(tiny_dataset, H3).splits["validation"]
-    p_members, labels = ensemble_probs([load_model(run1), load_model(wide3)], src, H3)
+    def raw(spec: Path) -> tuple:  # the model with its calibration switched off
+        net, m = load_model(spec)
+        return net, dataclasses.replace(m, temperature=1.0, temperature_poly=())
+
+    p_members, labels = ensemble_probs([raw(run1), raw(wide3)], src, H3)
+    p_raw, _ = ensemble_probs([raw(packed)], src, H3)
+    assert np.allclose(p_raw, p_members, atol=1e-5)  # one file, the same averaged probabilities
+    # packing calibrates the ensemble itself: other scores, the same labels
+    cal = meta.metrics["calibration"]
+    assert cal["fit_split"] == "validation" and meta.temperature == cal["temperature"] and meta.temperature != 1.0
     p_packed, _ = ensemble_probs([load_model(packed)], src, H3)
-    assert np.allclose(p_packed, p_members, atol=1e-5)  # one file, the same averaged probabilities
+    assert np.array_equal(p_packed.argmax(1), p_raw.argmax(1)) and not np.allclose(p_packed, p_raw, atol=1e-3)
     assert meta.metrics["accuracy"] == evaluate_probs(p_packed, labels, H3)["accuracy"]
 
     nested = tmp_path / "nested.safetensors"
@@ -200,9 +210,9 @@ def test_packed_ensemble_is_one_model_file(
     capsys.readouterr()
 
     bad = tmp_path / "bad.safetensors"
-    assert main(["export", "--format", "ferkit", "--model", f"{run1},{model7}", "--out", str(bad)]) == 1
+    assert main(["export", "--format", "ferkit", "--model", f"{run1},{model7}", "--out", str(bad)]) == 2
     assert "classes" in one_line_error(capsys.readouterr().err) and not bad.exists()
-    assert main(["export", "--format", "ferkit", "--model", str(run1), "--out", str(bad)]) == 1
+    assert main(["export", "--format", "ferkit", "--model", str(run1), "--out", str(bad)]) == 2
     assert "at least two" in one_line_error(capsys.readouterr().err)
 
 

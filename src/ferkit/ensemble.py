@@ -62,10 +62,20 @@ def pack_ensemble(specs: list[str], out: str, *, data: str | None = None, split:
     path = save_model(out, ens, meta, json_sidecar=False)
     data = data or first.training.get("data")
     if data and Path(data).exists():
+        from ferkit.evaluate import model_logits
+        from ferkit.train.calibrate import calibrate
+
+        # Averaging members changes how confident the ensemble is: calibrate the packed model itself, on the split
+        # it is scored on (ECE quoted by cross-fitting, see train.calibrate).
+        z, y, _ = model_logits(str(path), data=data, split=split)
+        cal = calibrate(z, y, split=split)
+        meta = dataclasses.replace(meta, temperature=cal["temperature"],
+                                   temperature_poly=tuple(cal["temperature_poly"]))
+        save_model(path, ens, meta, json_sidecar=False)
         m = evaluate_models([str(path)], data=data, split=split, say=say)
         flip = evaluate_models([str(path)], data=data, split=split, tta="flip")
         meta = dataclasses.replace(meta, metrics={
             "val_split": m["split"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
-            "accuracy_tta_flip": flip["accuracy"], "n": m["n"]})
+            "accuracy_tta_flip": flip["accuracy"], "n": m["n"], "calibration": cal})
         save_model(path, ens, meta, json_sidecar=False)
     return {"path": str(path), "arch": meta.arch, "metrics": meta.metrics}

@@ -1,5 +1,5 @@
-"""The training loop: ``train_one_epoch``, ``evaluate`` and ``fit(cfg)``. Lightning Fabric does the plumbing
-(device placement, bf16 autocast, DDP across GPUs and machines, rank-zero I/O, checkpoint save/load)."""
+"""The training loop: ``fit(cfg)`` as named steps, ``train_one_epoch`` and ``evaluate``. Lightning Fabric does the
+plumbing (device placement, bf16 autocast, DDP across GPUs and machines, rank-zero I/O, checkpoint save/load)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,11 @@ from ferkit.classes import FER2013_CLASSES, parse_classes
 from ferkit.config import TrainConfig
 from ferkit.data import find_dataset, load_split
 from ferkit.data.augment import BatchAugment
-from ferkit.preprocess import DEFAULT_MEAN, DEFAULT_STD
 from ferkit.errors import ConfigError, DatasetError
-from ferkit.evaluate import evaluate_probs, plot_curves, predict_probs, write_report
+from ferkit.evaluate import evaluate_probs, plot_curves, predict_logits, predict_probs, write_report
 from ferkit.modelfile import ModelMeta, save_model
 from ferkit.models import create_model
+from ferkit.preprocess import DEFAULT_MEAN, DEFAULT_STD
 
 log = logging.getLogger(__name__)
 MEAN, STD = DEFAULT_MEAN, DEFAULT_STD  # ferkit.preprocess owns the normalisation
@@ -194,17 +195,101 @@ def _save_ckpt(fabric, path: Path, state: dict) -> None:
     fabric.barrier()
 
 
+@dataclass
+class Splits:
+    """The arrays a run trains and validates on (uint8 faces, int labels; IGNORE marks unlabelled transfer images)."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    val_x: np.ndarray
+    val_y: np.ndarray
+    val_name: str
+    n_labelled: int
+    skipped: list[str]
+    from_cache: bool
+    seconds: float = 0.0
+
+
+@dataclass
+class RunState:
+    """What a checkpoint carries besides the weights, optimizer and scheduler: where the run is."""
+
+    epoch: int = 0  # the next epoch to run (0-based)
+    best_acc: float = -1.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    step: int = 0
+    stale: int = 0
+
+
 def fit(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
-    """Train a model as ``cfg`` says; writes the run directory and returns the final metrics."""
+    """Train a model as ``cfg`` says; writes the run directory and returns the final metrics.
+
+    The steps, each a function below: data splits → model → optimizer → scheduler → loss, teachers and
+    augmentation → resume state → epochs → final evaluation and calibration → the run directory.
+    """
+    t_start = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     fabric = make_fabric(cfg)
     fabric.launch()
     fabric.seed_everything(cfg.seed, verbose=False)
-    out = Path(cfg.out)
-    classes = parse_classes(cfg.classes)
-    t_start = time.perf_counter()
+    out, classes = Path(cfg.out), parse_classes(cfg.classes)
+    data = load_splits(cfg, classes)
+    announce_run(fabric, cfg, data, classes, resume)
+    dev = fabric.device
+    images = torch.from_numpy(np.ascontiguousarray(data.train_x)).to(dev)
+    labels = torch.from_numpy(np.asarray(data.train_y)).to(dev)
+    val_images = torch.from_numpy(np.ascontiguousarray(data.val_x)).to(dev)
+    val_labels = torch.from_numpy(np.asarray(data.val_y)).to(dev)
 
+    model = build_model(cfg, classes, fabric, init=not resume)
+    opt = make_optimizer(cfg, model)
+    if cfg.compile:  # worth it on a GPU for long runs; compile time dominates short CPU runs
+        model = torch.compile(model)
+    model, opt = fabric.setup(model, opt)
+    total = max(1, (len(data.train_y) // fabric.world_size) // cfg.batch_size) * cfg.epochs
+    sched = make_scheduler(cfg, opt, total)
+    loss_fn = make_loss(cfg, labels, len(classes))
+    teachers = make_teachers(cfg, classes, dev)
+    augment = BatchAugment(cfg, MEAN, STD)
+    state = resume_run(fabric, cfg, model, opt, sched, total) if resume else RunState()
+
+    t_train = time.perf_counter()
+    images_seen = run_epochs(fabric, cfg, state, model, opt, sched, images, labels, val_images, val_labels,
+                             augment, loss_fn, teachers)
+    train_seconds = time.perf_counter() - t_train
+    dump = os.environ.get("FERKIT_DUMP_RANK_WEIGHTS")
+    if dump:  # for tests of distributed runs: every rank's final weights, to compare them
+        Path(dump).mkdir(parents=True, exist_ok=True)
+        _save_weights(model, Path(dump) / f"rank{fabric.global_rank}.safetensors")
+
+    raw = best_weights(fabric, model, out / "best.ckpt")
+    final, plain, cal = final_evaluation(raw, cfg, val_images, data, classes)
+    result = {
+        "final": final,
+        "plain_accuracy": plain["accuracy"],
+        "tta": cfg.tta,
+        "val_split": data.val_name,
+        "best_epoch": int(max(state.history, key=lambda h: h["val_acc"])["epoch"]) if state.history else 0,
+        "history": state.history,
+        "train_seconds": train_seconds,
+        "data_seconds": data.seconds,
+        "total_seconds": time.perf_counter() - t_start,
+        "skipped": len(data.skipped),
+        "status": "done",
+        "images_per_second": images_seen * fabric.world_size / max(train_seconds, 1e-9),
+        "calibration": cal,
+    }
+    if fabric.is_global_zero:
+        write_run(fabric, out, cfg, raw, classes, data, plain, final, cal, result)
+    fabric.barrier()
+    return result
+
+
+def load_splits(cfg: TrainConfig, classes: list[str]) -> Splits:
+    """The train and validation arrays: the dataset's validation split, else a deterministic 10% of train; plus the
+    other expressions as unlabelled transfer images when ``distill_unlabeled`` asks for them."""
+    t0 = time.perf_counter()
     ds = find_dataset(cfg.data, classes)
     tr_src = ds.splits.get("train") or ds.splits.get("single")
     if tr_src is None:
@@ -216,8 +301,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         tr_x, tr_y, va_x, va_y = train.images, train.labels, val.images, val.labels
         skipped = train.skipped + val.skipped
     else:  # no validation split: hold out a deterministic 10% of train
-        rng = np.random.default_rng(cfg.seed)
-        perm = rng.permutation(len(train))
+        perm = np.random.default_rng(cfg.seed).permutation(len(train))
         k = max(1, len(perm) // 10)
         va_i, tr_i = np.sort(perm[:k]), np.sort(perm[k:])
         tr_x, tr_y, va_x, va_y = train.images[tr_i], train.labels[tr_i], train.images[va_i], train.labels[va_i]
@@ -229,213 +313,234 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         if len(extra):
             tr_x = np.concatenate([tr_x, extra])
             tr_y = np.concatenate([np.asarray(tr_y), np.full(len(extra), IGNORE, np.asarray(tr_y).dtype)])
-    t_data = time.perf_counter() - t_start
-    if fabric.is_global_zero:
-        out.mkdir(parents=True, exist_ok=True)
-        if not resume:  # a resumed run keeps its config.yaml until the checkpoint is known to fit (below)
-            _write_yaml(out / "config.yaml", cfg.to_dict())
-        fabric.print(
-            f"data: {n_labelled} train / {len(va_y)} {val_name} images, classes {', '.join(classes)}"
-            + (f", plus {len(tr_y) - n_labelled} unlabelled for distillation" if len(tr_y) > n_labelled else "")
-            + f" ({'cached' if train.from_cache else 'decoded'} in {t_data:.1f}s)"
-        )
-        if skipped:
-            fabric.print(f"skipped {len(skipped)} unreadable image(s); listed in {out / 'skipped.txt'}")
-            (out / "skipped.txt").write_text("\n".join(skipped) + "\n")
+    return Splits(tr_x, np.asarray(tr_y), va_x, np.asarray(va_y), val_name, n_labelled, list(skipped),
+                  train.from_cache, time.perf_counter() - t0)
 
-    dev = fabric.device
-    images = torch.from_numpy(np.ascontiguousarray(tr_x)).to(dev)
-    labels = torch.from_numpy(np.asarray(tr_y)).to(dev)
-    val_images = torch.from_numpy(np.ascontiguousarray(va_x)).to(dev)
-    val_labels = torch.from_numpy(np.asarray(va_y)).to(dev)
 
+def announce_run(fabric, cfg: TrainConfig, data: Splits, classes: list[str], resume: bool) -> None:
+    """Rank zero: create the run directory, write config.yaml (a resumed run: once its checkpoint fits) and say
+    what the run trains on."""
+    if not fabric.is_global_zero:
+        return
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        _write_yaml(out / "config.yaml", cfg.to_dict())
+    n_extra = len(data.train_y) - data.n_labelled
+    fabric.print(
+        f"data: {data.n_labelled} train / {len(data.val_y)} {data.val_name} images, classes {', '.join(classes)}"
+        + (f", plus {n_extra} unlabelled for distillation" if n_extra else "")
+        + f" ({'cached' if data.from_cache else 'decoded'} in {data.seconds:.1f}s)"
+    )
+    if data.skipped:
+        fabric.print(f"skipped {len(data.skipped)} unreadable image(s); listed in {out / 'skipped.txt'}")
+        (out / "skipped.txt").write_text("\n".join(data.skipped) + "\n")
+
+
+def build_model(cfg: TrainConfig, classes: list[str], fabric, *, init: bool) -> nn.Module:
+    """The architecture, optionally initialised from a trained model (``--init``; not on resume), channels-last."""
     model = create_model(cfg.model, num_classes=len(classes), in_chans=1, pretrained=cfg.pretrained)
-    if cfg.init and not resume:
+    if cfg.init and init:
         _init_from(model, cfg, classes, fabric)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD (Nesterov), Adam or AdamW; no weight decay on biases and BatchNorm parameters."""
     params = [
-        {"params": [p for n, p in model.named_parameters() if p.ndim > 1], "weight_decay": cfg.weight_decay},
-        {"params": [p for n, p in model.named_parameters() if p.ndim <= 1], "weight_decay": 0.0},
+        {"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0},
     ]
     if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-    elif cfg.optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=cfg.lr)
-    else:
-        opt = torch.optim.AdamW(params, lr=cfg.lr)
-    if cfg.compile:  # worth it on a GPU for long runs; compile time dominates short CPU runs
-        model = torch.compile(model)
-    model, opt = fabric.setup(model, opt)
-    steps_per_epoch = max(1, (len(tr_y) // fabric.world_size) // cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr)
+    return torch.optim.AdamW(params, lr=cfg.lr)
+
+
+def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, total: int):  # noqa: ANN201 - torch's LR types
+    """The learning-rate schedule over ``total`` optimizer steps (None for a constant rate)."""
     if cfg.schedule == "onecycle":
         # OneCycleLR divides by zero when pct_start × total_steps is exactly 1 (0.2 × 5 steps): step off that point.
         pct = cfg.warmup_pct if abs(cfg.warmup_pct * total - 1) > 1e-6 else cfg.warmup_pct * 1.01
-        sched = torch.optim.lr_scheduler.OneCycleLR(
+        return torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=cfg.lr, total_steps=total, pct_start=pct, div_factor=25, final_div_factor=1e3
         )
-    elif cfg.schedule == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
-    elif cfg.schedule == "plateau":
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    if cfg.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
             opt, mode="max", patience=cfg.plateau_patience, factor=cfg.plateau_factor
         )
-    else:
-        sched = None
+    return None
+
+
+def make_loss(cfg: TrainConfig, labels: torch.Tensor, n_classes: int) -> nn.Module:
+    """Cross-entropy with the recipe's label smoothing, class-weighted by inverse frequency if asked."""
     weight = None
     if cfg.class_weighting:
-        counts = torch.bincount(labels[labels >= 0], minlength=len(classes)).float().clamp(min=1)
-        weight = (counts.sum() / (len(classes) * counts)).to(dev)
-    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
-    teachers = None
-    if cfg.teacher:
-        from ferkit.train.distill import Teachers
+        counts = torch.bincount(labels[labels >= 0], minlength=n_classes).float().clamp(min=1)
+        weight = (counts.sum() / (n_classes * counts)).to(labels.device)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
 
-        teachers = Teachers(cfg.teacher, classes, device=dev)
-        if cfg.channels_last:
-            teachers = teachers.to(memory_format=torch.channels_last)
-    augment = BatchAugment(cfg, MEAN, STD)
 
-    start_epoch, best_acc, history, step, stale = 0, -1.0, [], 0, 0
+def make_teachers(cfg: TrainConfig, classes: list[str], device: torch.device):  # noqa: ANN201
+    """The distillation teachers (``--teacher``), or None."""
+    if not cfg.teacher:
+        return None
+    from ferkit.train.distill import Teachers
+
+    teachers = Teachers(cfg.teacher, classes, device=device)
+    return teachers.to(memory_format=torch.channels_last) if cfg.channels_last else teachers
+
+
+def resume_run(fabric, cfg: TrainConfig, model: nn.Module, opt, sched, total: int) -> RunState:
+    """All of resuming: restore weights, optimizer, scheduler and run state from ``last.ckpt``, refuse a schedule
+    that no longer fits, and only then rewrite config.yaml.
+
+    Raises:
+        ConfigError: no checkpoint, or settings that change the planned number of steps.
+    """
+    out = Path(cfg.out)
     ckpt_path = out / "last.ckpt"
-    best_path = out / "best.ckpt"
-    if resume:
-        if not ckpt_path.exists():
-            raise ConfigError(f"{ckpt_path}: nothing to resume (no last.ckpt in the run directory)")
-        state = {"model": model, "optimizer": opt, "scheduler": sched}
-        extra = fabric.load(ckpt_path, state)
-        start_epoch, best_acc, history, step = extra["epoch"] + 1, extra["best_acc"], extra["history"], extra["step"]
-        stale = extra.get("stale", 0)
-        planned = getattr(sched, "total_steps", getattr(sched, "T_max", total))  # as restored from the checkpoint
-        if planned != total:  # a one-cycle/cosine schedule cannot be stretched; it would fail at its last step
-            raise ConfigError(
-                f"--resume: {out} was planned for {planned} steps ({cfg.schedule} schedule), the "
-                f"settings now give {total}; resume with the run's --epochs and --batch-size, or start "
-                "a new run"
-            )
-        if fabric.is_global_zero:
-            _write_yaml(out / "config.yaml", cfg.to_dict())
-        fabric.print(f"resuming {out} from epoch {start_epoch + 1}/{cfg.epochs} (best so far {best_acc * 100:.2f}%)")
+    if not ckpt_path.exists():
+        raise ConfigError(f"{ckpt_path}: nothing to resume (no last.ckpt in the run directory)")
+    extra = fabric.load(ckpt_path, {"model": model, "optimizer": opt, "scheduler": sched})
+    state = RunState(extra["epoch"] + 1, extra["best_acc"], extra["history"], extra["step"], extra.get("stale", 0))
+    planned = getattr(sched, "total_steps", getattr(sched, "T_max", total))  # as restored from the checkpoint
+    if planned != total:  # a one-cycle/cosine schedule cannot be stretched; it would fail at its last step
+        raise ConfigError(
+            f"--resume: {out} was planned for {planned} steps ({cfg.schedule} schedule), the settings now give "
+            f"{total}; resume with the run's --epochs and --batch-size, or start a new run"
+        )
+    if fabric.is_global_zero:
+        _write_yaml(out / "config.yaml", cfg.to_dict())
+    fabric.print(f"resuming {out} from epoch {state.epoch + 1}/{cfg.epochs} (best so far {state.best_acc * 100:.2f}%)")
+    return state
 
-    t_train, images_seen = time.perf_counter(), 0
-    for epoch in range(start_epoch, cfg.epochs):
+
+def run_epochs(fabric, cfg: TrainConfig, state: RunState, model: nn.Module, opt, sched, images: torch.Tensor,
+               labels: torch.Tensor, val_images: torch.Tensor, val_labels: torch.Tensor, augment: BatchAugment,
+               loss_fn: nn.Module, teachers) -> int:
+    """Train from ``state.epoch`` to the end (or an early stop), validating, keeping the best weights in best.ckpt
+    and a checkpoint in last.ckpt after every epoch. Updates ``state``; returns the number of images seen."""
+    out = Path(cfg.out)
+    images_seen = 0
+    for epoch in range(state.epoch, cfg.epochs):
         t0 = time.perf_counter()
-        tr = train_one_epoch(fabric, model, opt, sched, images, labels, cfg, epoch, augment, loss_fn, teachers, step)
-        step += tr.pop("steps")
+        tr = train_one_epoch(fabric, model, opt, sched, images, labels, cfg, epoch, augment, loss_fn, teachers,
+                             state.step)
+        state.step += tr.pop("steps")
         images_seen += tr.pop("images")
         ev = evaluate(model, val_images, val_labels, cfg.input_size)
         ev.pop("probs")
         if cfg.schedule == "plateau":
             sched.step(ev["val_acc"])
         row = {"epoch": epoch + 1, **tr, **ev, "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
-        history.append(row)
-        improved = ev["val_acc"] > best_acc
+        state.history.append(row)
+        improved = ev["val_acc"] > state.best_acc
         if improved:
-            best_acc, stale = ev["val_acc"], 0
+            state.best_acc, state.stale = ev["val_acc"], 0
             if fabric.is_global_zero:
-                _save_weights(model, best_path)
+                _save_weights(model, out / "best.ckpt")
         else:
-            stale += 1
+            state.stale += 1
         fabric.print(
             f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {tr['train_loss']:.4f}  acc {tr['train_acc'] * 100:5.2f}%"
             f"  val_loss {ev['val_loss']:.4f}  val_acc {ev['val_acc'] * 100:5.2f}%{' *' if improved else ''}"
             f"  {row['seconds']:.1f}s"
         )
-        _save_ckpt(
-            fabric,
-            ckpt_path,
-            {
-                "model": model,
-                "optimizer": opt,
-                "scheduler": sched,
-                "epoch": epoch,
-                "best_acc": best_acc,
-                "history": history,
-                "step": step,
-                "stale": stale,
-                "config": cfg.to_dict(),
-            },
-        )
+        state.epoch = epoch + 1
+        _save_ckpt(fabric, out / "last.ckpt", {
+            "model": model, "optimizer": opt, "scheduler": sched, "epoch": epoch, "best_acc": state.best_acc,
+            "history": state.history, "step": state.step, "stale": state.stale, "config": cfg.to_dict()})
         if fabric.is_global_zero:
-            (out / "metrics.json").write_text(json.dumps({"history": history, "status": "running"}, indent=2) + "\n")
-        if (cfg.early_stop and stale >= cfg.early_stop) or (cfg.max_steps and step >= cfg.max_steps):
-            fabric.print(
-                "stopping early: "
-                + (
-                    "max_steps reached"
-                    if cfg.max_steps and step >= cfg.max_steps
-                    else f"no improvement for {stale} epochs"
-                )
-            )
+            (out / "metrics.json").write_text(json.dumps({"history": state.history, "status": "running"}, indent=2)
+                                              + "\n")
+        if cfg.max_steps and state.step >= cfg.max_steps:
+            fabric.print("stopping early: max_steps reached")
             break
-    train_seconds = time.perf_counter() - t_train
-    dump = os.environ.get("FERKIT_DUMP_RANK_WEIGHTS")
-    if dump:  # for tests of distributed runs: every rank's final weights, to compare them
-        Path(dump).mkdir(parents=True, exist_ok=True)
-        _save_weights(model, Path(dump) / f"rank{fabric.global_rank}.safetensors")
+        if cfg.early_stop and state.stale >= cfg.early_stop:
+            fabric.print(f"stopping early: no improvement for {state.stale} epochs")
+            break
+    return images_seen
 
-    # Final evaluation of the best epoch's weights, with the recipe's test-time augmentation.
+
+def best_weights(fabric, model: nn.Module, best_path: Path) -> nn.Module:
+    """The bare network with the best validation epoch's weights (the last epoch's if none was saved)."""
     raw = fabric.to_device(_unwrap(model))
     if best_path.exists():
         from safetensors.torch import load_file
 
         raw.load_state_dict(load_file(str(best_path)))
-    plain = evaluate_probs(evaluate(raw, val_images, val_labels, cfg.input_size)["probs"], va_y, classes)
-    final = evaluate_probs(evaluate(raw, val_images, val_labels, cfg.input_size, tta=cfg.tta)["probs"], va_y, classes)
-    result = {
-        "final": final,
-        "plain_accuracy": plain["accuracy"],
-        "tta": cfg.tta,
-        "val_split": val_name,
-        "best_epoch": int(max(history, key=lambda h: h["val_acc"])["epoch"]) if history else 0,
-        "history": history,
-        "train_seconds": train_seconds,
-        "data_seconds": t_data,
-        "total_seconds": time.perf_counter() - t_start,
-        "skipped": len(skipped),
-        "status": "done",
-        "images_per_second": images_seen * fabric.world_size / max(train_seconds, 1e-9),
-    }
-    if fabric.is_global_zero:
-        meta = ModelMeta(
-            arch=cfg.model,
-            classes=tuple(classes),
-            input_size=cfg.input_size,
-            in_chans=1,
-            mean=MEAN,
-            std=STD,
-            name=out.name,
-            training={
-                "recipe": cfg.recipe,
-                "data": str(cfg.data),
-                "epochs": len(history),
-                "best_epoch": result["best_epoch"],
-                "train_images": int(n_labelled),
-                **({"unlabelled_images": int(len(tr_y) - n_labelled)} if len(tr_y) > n_labelled else {}),
-                "teacher": cfg.teacher or None,
-                "seconds": round(result["total_seconds"], 1),
-            },
-            metrics={
-                "val_split": val_name,
-                "accuracy": plain["accuracy"],
-                "macro_f1": plain["macro_f1"],
-                f"accuracy_tta_{cfg.tta}": final["accuracy"],
-                "n": final["n"],
-            },
-        )
-        save_model(out / "model.safetensors", raw, meta)
-        write_report(final, out, title=f"{cfg.model} on {val_name}: {final['accuracy'] * 100:.2f}% (tta {cfg.tta})")
-        (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-        if history:
-            plot_curves(history, out / "curves.png")
-        fabric.print(
-            f"done: {val_name} accuracy {plain['accuracy'] * 100:.2f}% (tta {cfg.tta}: "
-            f"{final['accuracy'] * 100:.2f}%), macro-F1 {final['macro_f1'] * 100:.2f}%, "
-            f"{result['total_seconds']:.0f}s; model in {out / 'model.safetensors'}"
-        )
-    fabric.barrier()
-    return result
+    return raw
+
+
+def final_evaluation(raw: nn.Module, cfg: TrainConfig, val_images: torch.Tensor, data: Splits, classes: list[str]
+                     ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Plain and TTA metrics of the best weights on the validation split, and the calibration fitted there.
+
+    The calibration (``train.calibrate``) is fitted on the validation split, which also chose the best epoch; its
+    ECE is reported by 2-fold cross-fitting, so the quoted number comes from faces the fit did not see.
+    """
+    from ferkit.train.calibrate import calibrate
+
+    logits = predict_logits(raw, val_images, size=cfg.input_size, mean=MEAN, std=STD, device=val_images.device)
+    cal = calibrate(logits.numpy(), data.val_y, split=data.val_name)
+    meta = ModelMeta(arch=cfg.model, classes=tuple(classes), temperature=cal["temperature"],
+                     temperature_poly=tuple(cal["temperature_poly"]))
+    kw = dict(size=cfg.input_size, mean=MEAN, std=STD, device=val_images.device, calibration=meta)
+    plain = evaluate_probs(predict_probs(raw, val_images, **kw), data.val_y, classes)
+    final = evaluate_probs(predict_probs(raw, val_images, tta=cfg.tta, **kw), data.val_y, classes)
+    return final, plain, cal
+
+
+def write_run(fabric, out: Path, cfg: TrainConfig, raw: nn.Module, classes: list[str], data: Splits,
+              plain: dict[str, Any], final: dict[str, Any], cal: dict[str, Any], result: dict[str, Any]) -> None:
+    """Rank zero: model.safetensors (+ .json), metrics.json, confusion matrix and curves; one closing line."""
+    meta = ModelMeta(
+        arch=cfg.model,
+        classes=tuple(classes),
+        input_size=cfg.input_size,
+        in_chans=1,
+        mean=MEAN,
+        std=STD,
+        temperature=cal["temperature"],
+        temperature_poly=tuple(cal["temperature_poly"]),
+        name=out.name,
+        training={
+            "recipe": cfg.recipe,
+            "data": str(cfg.data),
+            "epochs": len(result["history"]),
+            "best_epoch": result["best_epoch"],
+            "train_images": int(data.n_labelled),
+            **({"unlabelled_images": int(len(data.train_y) - data.n_labelled)}
+               if len(data.train_y) > data.n_labelled else {}),
+            "teacher": cfg.teacher or None,
+            "seconds": round(result["total_seconds"], 1),
+        },
+        metrics={
+            "val_split": data.val_name,
+            "accuracy": plain["accuracy"],
+            "macro_f1": plain["macro_f1"],
+            f"accuracy_tta_{cfg.tta}": final["accuracy"],
+            "n": final["n"],
+            "calibration": cal,
+        },
+    )
+    save_model(out / "model.safetensors", raw, meta)
+    write_report(final, out, title=f"{cfg.model} on {data.val_name}: {final['accuracy'] * 100:.2f}% (tta {cfg.tta})")
+    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    if result["history"]:
+        plot_curves(result["history"], out / "curves.png")
+    ece = f"ECE {cal['before']['ece']:.4f} -> {cal['after_cross_fit']['ece']:.4f}"
+    fabric.print(
+        f"done: {data.val_name} accuracy {plain['accuracy'] * 100:.2f}% (tta {cfg.tta}: "
+        f"{final['accuracy'] * 100:.2f}%), macro-F1 {final['macro_f1'] * 100:.2f}%, {result['total_seconds']:.0f}s; "
+        f"calibrated ({cal['method']}, {ece} cross-fitted); model in {out / 'model.safetensors'}"
+    )
 
 
 def _init_from(model: nn.Module, cfg: TrainConfig, classes: list[str], fabric) -> None:

@@ -1,0 +1,112 @@
+"""Calibration: temperature recovery on a known case, ECE/NLL/Brier against torchmetrics and by hand, the
+calibrated scores on every inference path (torch, ONNX) with the argmax kept."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from ferkit.metrics import brier, calibration, coverage_curve, ece, nll, reliability, selective
+from ferkit.modelfile import bundled_models, calibrated_probs, load_model, read_meta
+from ferkit.train.calibrate import Calibration, calibrate, cross_fit_probs, fit_calibration, fit_temperature
+
+
+def _sample(n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels drawn from softmax(logits): a perfectly calibrated model."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, k)) * 1.5
+    p = torch.softmax(torch.tensor(z), 1).numpy()
+    y = (p.cumsum(1) < rng.random(n)[:, None]).sum(1).clip(0, k - 1)
+    return z, y
+
+
+@pytest.mark.parametrize("factor", [0.5, 2.0, 3.0])
+def test_scaled_logits_recover_the_temperature(factor: float) -> None:
+    z, y = _sample(20_000, 5, seed=int(factor * 10))
+    assert fit_temperature(z * factor, y) == pytest.approx(factor, rel=0.05)
+    assert fit_temperature(z, y) == pytest.approx(1.0, rel=0.05)
+
+
+def test_calibrate_reports_honest_numbers_and_keeps_the_argmax() -> None:
+    z, y = _sample(4000, 3, seed=1)
+    r = calibrate(z * 2.5, y)  # over-confident by a known factor
+    assert r["before"]["ece"] > 0.05 and r["after_cross_fit"]["ece"] < 0.03
+    assert r["after_cross_fit"]["nll"] < r["before"]["nll"]
+    assert r["fit_split"] == "validation" and r["n"] == 4000 and set(r["candidates"]) == {"temperature", "degree 2"}
+    cal = Calibration(r["temperature"], tuple(r["temperature_poly"]))
+    assert np.array_equal(cal.probs(z * 2.5).argmax(1), z.argmax(1))
+    held, fits = cross_fit_probs(z * 2.5, y)
+    assert len(fits) == 2 and all(f.temperature == pytest.approx(2.5, rel=0.15) for f in fits)
+    assert held.shape == z.shape and np.allclose(held.sum(1), 1)
+
+
+def test_score_dependent_temperature_keeps_the_argmax_and_fits_a_shape() -> None:
+    """Confident faces over-confident, unsure ones under-confident: one T cannot fix both, a polynomial can."""
+    z, y = _sample(8000, 3, seed=2)
+    s = torch.softmax(torch.tensor(z), 1).max(1).values.numpy()[:, None]
+    distorted = z * (0.6 + 2.0 * s)  # each face its own factor, growing with its score
+    plain = fit_calibration(distorted, y, degree=0)
+    poly = fit_calibration(distorted, y, degree=2)
+    assert poly.temperature_poly and nll(poly.probs(distorted), y) < nll(plain.probs(distorted), y)
+    assert np.array_equal(poly.probs(distorted).argmax(1), distorted.argmax(1))
+
+
+def test_inference_function_equals_the_fit() -> None:
+    z, y = _sample(500, 7, seed=3)
+    cal = fit_calibration(z * 2, y, degree=2)
+    got = calibrated_probs(torch.tensor(z * 2, dtype=torch.float32), cal).numpy()
+    assert np.allclose(got, cal.probs(z * 2), atol=1e-5)
+    assert np.allclose(calibrated_probs(torch.tensor(z), Calibration(2.0)).numpy(),
+                       torch.softmax(torch.tensor(z) / 2, 1).numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_metrics_agree_with_torchmetrics_and_hand(seed: int) -> None:
+    tm = pytest.importorskip("torchmetrics.functional.classification")
+    z, y = _sample(3000, 7, seed)
+    p = torch.softmax(torch.tensor(z * 1.7), 1)
+    ref = tm.multiclass_calibration_error(p.float(), torch.tensor(y), 7, n_bins=15, norm="l1").item()
+    assert ece(p, y) == pytest.approx(ref, abs=1e-6)
+    assert nll(p, y) == pytest.approx(torch.nn.functional.nll_loss(p.log(), torch.tensor(y)).item(), rel=1e-9)
+    pn = p.numpy()
+    by_hand = np.mean(1 - 2 * pn[np.arange(len(y)), y] + (pn**2).sum(1))
+    assert brier(p, y) == pytest.approx(by_hand, rel=1e-9)
+    c = calibration(p, y)
+    assert c["ece"] == ece(p, y) and c["ece_bins"] == 15 and 0 < c["mean_confidence"] <= 1
+
+
+def test_ece_of_a_hand_made_case() -> None:
+    # two faces at 0.9 (one right), two at 0.6 (both right): |0.5 − 0.9|·½ + |1 − 0.6|·½ = 0.4
+    p = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]])
+    y = np.array([0, 1, 0, 0])
+    assert ece(p, y) == pytest.approx(0.4)
+    r = reliability(p, y)
+    assert sum(r["count"]) == 4 and r["count"][13] == 2 and r["count"][8] == 2  # (13/15, 14/15] and (8/15, 9/15]
+    assert selective(p, y, 0.7) == {"min_score": 0.7, "coverage": 0.5, "kept": 2, "accuracy_kept": 0.5}
+    cov = coverage_curve(p, y, points=5)
+    assert cov["coverage"] == [0.25, 0.5, 0.75, 1.0] and cov["accuracy"][-1] == 0.75
+
+
+@pytest.mark.parametrize("name", ["fer3", "fer7"])
+def test_bundled_models_are_calibrated_on_every_path(name: str) -> None:
+    """The stored calibration changes the scores, not the labels, identically in torch and in ONNX Runtime."""
+    pytest.importorskip("onnxruntime")
+    from ferkit import Recognizer
+
+    meta = read_meta(bundled_models()[name])
+    assert meta.temperature != 1.0 and meta.metrics["calibration"]["fit_split"] == "validation"
+    faces = np.random.default_rng(0).integers(0, 256, (64, 48, 48), dtype=np.uint8)
+    p_onnx = Recognizer(model=name, backend="onnx").classify(faces)
+    p_torch = Recognizer(model=name, backend="torch").classify(faces)
+    assert np.allclose(p_onnx, p_torch, atol=1e-4)
+    net, _ = load_model(name)
+    from ferkit.preprocess import Preprocess
+
+    with torch.inference_mode():
+        raw = torch.softmax(net(torch.from_numpy(Preprocess.of(meta).numpy(faces))), 1).numpy()
+    assert np.array_equal(raw.argmax(1), p_onnx.argmax(1)) and not np.allclose(raw, p_onnx, atol=1e-3)
+    uncal = dataclasses.replace(meta, temperature=1.0, temperature_poly=())
+    assert np.allclose(calibrated_probs(torch.log(torch.tensor(raw)), uncal).numpy(), raw, atol=1e-5)

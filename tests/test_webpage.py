@@ -202,3 +202,43 @@ def test_webcam_snapshot_with_fake_camera(server: str, playwright: object, tmp_p
         assert page.is_hidden("#webcam")
     finally:
         b.close()
+
+
+WEB_KEY = "web-page-key-0042"
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory: pytest.TempPathFactory, running_server: Callable) -> Iterator[str]:
+    d = tmp_path_factory.mktemp("webpage-keyed")
+    (d / "keys.txt").write_text(WEB_KEY + "\n")
+    with running_server("fer3", d / "server.log", api_keys=str(d / "keys.txt"), access_log=False) as (base, _):
+        yield base
+
+
+def test_page_asks_for_the_api_key(keyed_server: str, browser: object, photo: Path, tmp_path: Path) -> None:
+    """A server started with --api-keys: the page asks for a key, says when it is wrong, and works with the right
+    one (sent as a Bearer token with every request)."""
+    context = browser.new_context()
+    page = context.new_page()
+    sent: list[str | None] = []
+    page.on("request", lambda r: sent.append(r.headers.get("authorization")) if "/v1/" in r.url else None)
+    try:
+        page.goto(keyed_server + "/")
+        page.wait_for_selector("#key-form:not([hidden])", timeout=10_000)
+        assert "needs an API key" in page.text_content("#model-info")
+        page.fill("#api-key", "not-the-right-key")
+        page.click("#key-submit")
+        wait_js(page, "document.getElementById('key-why').textContent.includes('not accepted')", 10)
+        assert page.is_visible("#key-form")
+        page.screenshot(path=str(tmp_path / "webpage-key.png"), full_page=True)
+
+        page.fill("#api-key", WEB_KEY)
+        page.click("#key-submit")
+        wait_js(page, "document.getElementById('model-info').textContent.includes('classes')", 10)
+        assert page.is_hidden("#key-form")
+        page.set_input_files("#file-input", str(photo))
+        page.wait_for_selector("#canvas[data-state='done']", timeout=60_000)
+        assert page.is_hidden("#error") and int(page.locator("#canvas").get_attribute("data-faces")) >= 1
+        assert sent[-1] == f"Bearer {WEB_KEY}" and None in sent  # the first request went without a key
+    finally:
+        context.close()

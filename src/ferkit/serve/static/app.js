@@ -40,9 +40,31 @@
 
   function pct(p) { return (100 * p).toFixed(p >= 0.995 || p < 0.001 ? 0 : 1) + "%"; }
 
+  // The server answers 401 without a key and 403 for a wrong one (only when it was started with --api-keys).
+  function askForKey(status) {
+    $("key-why").textContent = status === 403 ? "The key given was not accepted; check it and try again." :
+      "Enter the key you were given.";
+    $("key-form").hidden = false;
+    $("api-key").focus();
+  }
+
+  $("key-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    ferkitAuth.set($("api-key").value.trim());
+    $("api-key").value = "";
+    $("key-form").hidden = true;
+    clearError();
+    loadModelInfo();
+  });
+
   async function loadModelInfo() {
     try {
-      const r = await fetch("/v1/models");
+      const r = await ferkitAuth.fetch("/v1/models");
+      if (r.status === 401 || r.status === 403) {
+        $("model-info").textContent = "this server needs an API key";
+        askForKey(r.status);
+        return;
+      }
       if (!r.ok) throw new Error("HTTP " + r.status);
       const info = await r.json();
       const m = info.loaded;
@@ -85,7 +107,7 @@
     const detect = $("detect").checked;
     try {
       const [resp, bitmap] = await Promise.all([
-        fetch(`/v1/predict?detect=${detect}`, { method: "POST", body: form }),
+        ferkitAuth.fetch(`/v1/predict?detect=${detect}`, { method: "POST", body: form }),
         decodeForDisplay(blob),
       ]);
       let body = null;
@@ -93,7 +115,9 @@
       if (!resp.ok) {
         let detail = body && typeof body.detail === "string" ? body.detail : resp.statusText || `HTTP ${resp.status}`;
         if (detail.startsWith(`${name}: `)) detail = detail.slice(name.length + 2);  // the server names it too
-        const hint = resp.status === 503 ? " (the server is busy; try again in a moment)" : "";
+        if (resp.status === 401 || resp.status === 403) askForKey(resp.status);
+        const hint = resp.status === 503 ? " (the server is busy; try again in a moment)" :
+          resp.status === 429 ? ` (too many requests; try again in ${resp.headers.get("Retry-After") || "a few"} s)` : "";
         showError(`Could not analyse ${name}: ${detail}${hint}`);
         return;
       }

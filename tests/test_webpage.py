@@ -166,7 +166,7 @@ def test_non_image_upload_shows_error(server: str, browser: object, photo: Path,
         context.close()
 
 
-def test_docs_page_renders_offline(server: str, browser: object) -> None:
+def test_docs_page_renders_offline_and_tries_requests(server: str, browser: object, photo: Path) -> None:
     context = browser.new_context()
     page = context.new_page()
     external: list[str] = []
@@ -176,6 +176,19 @@ def test_docs_page_renders_offline(server: str, browser: object) -> None:
         page.wait_for_selector(".endpoint", timeout=10_000)
         text = page.text_content("#endpoints")
         assert "/v1/predict" in text and "/healthz" in text and "413" in text
+        predict = page.locator("section[data-path='/v1/predict'][data-method='post']")
+        # the response body is described field by field (from the typed response models)
+        assert "Prediction" in predict.text_content() and "det_score" in predict.text_content()
+        # and the request can be tried from the page
+        predict.locator(".try-file").set_input_files(str(photo))
+        predict.locator(".try-send").click()
+        page.wait_for_selector("section[data-path='/v1/predict'] .try-out[data-status='200']", timeout=60_000)
+        out = predict.locator(".try-out").text_content()
+        assert '"faces"' in out and "X-Request-ID" in out
+        ready = page.locator("section[data-path='/readyz']")
+        ready.locator(".try-send").click()
+        page.wait_for_selector("section[data-path='/readyz'] .try-out[data-status='200']", timeout=10_000)
+        assert '"ready"' in ready.locator(".try-out").text_content()
         assert not [u for u in external if not u.startswith("data:")], external
     finally:
         context.close()
@@ -240,5 +253,12 @@ def test_page_asks_for_the_api_key(keyed_server: str, browser: object, photo: Pa
         page.wait_for_selector("#canvas[data-state='done']", timeout=60_000)
         assert page.is_hidden("#error") and int(page.locator("#canvas").get_attribute("data-faces")) >= 1
         assert sent[-1] == f"Bearer {WEB_KEY}" and None in sent  # the first request went without a key
+        # the API page in the same tab uses the same key for its "Try it" forms
+        page.goto(keyed_server + "/docs")
+        models = page.locator("section[data-path='/v1/models']")
+        models.wait_for(timeout=10_000)
+        assert page.input_value("#docs-key") == WEB_KEY
+        models.locator(".try-send").click()
+        page.wait_for_selector("section[data-path='/v1/models'] .try-out[data-status='200']", timeout=10_000)
     finally:
         context.close()

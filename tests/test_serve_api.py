@@ -276,6 +276,9 @@ BAD_SETTINGS = [
     (["--workers", "0"], "--workers (FERKIT_SERVE_WORKERS): must be at least 1"),
     (["--rate-limit", "-1"], "--rate-limit (FERKIT_SERVE_RATE_LIMIT): must be more than 0"),
     (["--max-queue", "-1"], "must be 0 or more"),
+    (["--detect-size", "8"], "--detect-size (FERKIT_SERVE_DETECT_SIZE): must be 32 to 16384 pixels, got 8"),
+    (["--min-det-score", "1.5"], "--min-det-score (FERKIT_SERVE_MIN_DET_SCORE): must be between 0 and 1"),
+    (["--detector", "yunett"], "unknown detector 'yunett' (valid: yunet"),
 ]
 
 
@@ -314,3 +317,11 @@ def test_settings_round_trip_through_the_environment() -> None:
     assert ServeSettings.from_env({"FERKIT_API_KEYS": "/run/secrets/keys"}).api_keys == "/run/secrets/keys"
     with pytest.raises(ConfigError, match="unknown server option 'max_upload'"):
         create_app(max_upload=3)
+
+
+def test_detector_options_reach_the_recognizer(jpeg: bytes) -> None:
+    with TestClient(create_app(model="fer3", detect_size=320, min_det_score=0.99)) as c:
+        rec = c.app.state.recognizer
+        assert rec.detector.detect_size == 320 and rec.min_det_score == 0.99
+        r = c.post("/v1/predict", content=jpeg)
+        assert r.status_code == 200 and all(f["det_score"] >= 0.99 for f in r.json()["faces"])

@@ -48,7 +48,7 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ferkit.errors import ConfigError, FerkitError, ModelFileError
+from ferkit.errors import ConfigError, FerkitError, ModelFileError, UnknownNameError
 from ferkit.serve import metrics as metrics_mod
 from ferkit.serve.observe import ObserveMiddleware, log_config
 from ferkit.serve.routes import STATIC_DIR, Admission, error, meta_summary, protected, public
@@ -147,10 +147,8 @@ def create_app(settings: ServeSettings | None = None, **options: Any) -> FastAPI
         from ferkit.infer.recognizer import Recognizer
 
         t0 = time.perf_counter()
-        kw: dict[str, Any] = {"model": s.model, "backend": s.backend, "detector": s.detector}
-        if s.detect_size is not None:
-            kw["detect_size"] = s.detect_size
-        rec = await asyncio.to_thread(Recognizer, **kw)
+        rec = await asyncio.to_thread(Recognizer, model=s.model, backend=s.backend, detector=s.detector,
+                                      detect_size=s.detect_size, min_det_score=s.min_det_score)
         app.state.version = await asyncio.to_thread(_model_version, s.model)
         if metrics_mod.multiprocess_dir():
             metrics_mod.forget_dead_processes(metrics_mod.multiprocess_dir())
@@ -287,6 +285,10 @@ def serve(settings: ServeSettings | None = None, **options: Any) -> None:
     if options:
         s = s.replace(**options)
     check_model(s.model)  # a user mistake is one line from the CLI, not a failed worker's traceback per worker
+    from ferkit.infer.detect import list_detectors
+
+    if s.detector not in list_detectors():
+        raise UnknownNameError("detector", s.detector, list_detectors())
     if s.api_keys:
         APIKeys.from_file(s.api_keys)  # same: an unreadable or empty keys file stops here
     # One thread per operator: a server gets its parallelism from concurrent requests, and per-request thread pools

@@ -70,8 +70,11 @@ class ServeSettings:
     backend: str = _opt("auto", "inference backend", choices=("auto", "onnx", "torch"))
     detector: str = _opt("yunet", "face detector (see ferkit.infer.detect.list_detectors)")
     detect_size: int | None = _opt(
-        None, "detect faces at up to this many pixels on the longer side (default: the Recognizer's own)",
-        parse=_optional_int)
+        None, "longest side of the image the face detector sees (default: chosen per image, higher for large "
+        "photos so that small faces in group photos are found)", parse=_optional_int, metavar="PX")
+    min_det_score: float | None = _opt(
+        None, "drop faces whose detector confidence is below this (0-1; default: the detector's own threshold)",
+        parse=_optional_float, metavar="S")
     max_upload_mb: float = _opt(10.0, "larger uploads get 413", parse=float, metavar="MB")
     max_pixels: int = _opt(DEFAULT_MAX_PIXELS, "images with more pixels get 413 (checked before decoding)", parse=int,
                            metavar="N")
@@ -124,8 +127,10 @@ class ServeSettings:
             bad("max_upload_mb", f"must be more than 0, got {self.max_upload_mb:g}")
         if self.max_pixels < 1:
             bad("max_pixels", f"must be at least 1, got {self.max_pixels}")
-        if self.detect_size is not None and self.detect_size < 32:
-            bad("detect_size", f"must be at least 32 pixels, got {self.detect_size}")
+        if self.detect_size is not None and not 32 <= self.detect_size <= 16384:
+            bad("detect_size", f"must be 32 to 16384 pixels, got {self.detect_size}")
+        if self.min_det_score is not None and not 0 <= self.min_det_score <= 1:
+            bad("min_det_score", f"must be between 0 and 1, got {self.min_det_score:g}")
         if self.rate_limit is not None and not self.rate_limit > 0:
             bad("rate_limit", f"must be more than 0 requests per second, got {self.rate_limit:g}")
         if self.graceful_timeout_s < 0:

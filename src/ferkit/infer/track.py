@@ -180,6 +180,37 @@ def _colour_hist(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarra
     return (hist / max(float(hist.sum()), 1.0)).astype(np.float32)
 
 
+#: Frames whose detection runs ahead of the tracking, in a thread pool (bounds the frames held in memory).
+LOOKAHEAD = 4
+
+
+def _detect_ahead(rec: Recognizer, units: Iterable[Unit]) -> Iterator[tuple[Unit, list[Detection]]]:
+    """``(unit, detections)`` in order, the detector working on the next frames while the caller tracks and
+    classifies this one. Detection is ~80% of a tracked frame's time and YuNet releases the GIL, so on 2 cores the
+    detections of two frames, decoding and classification overlap; LOOKAHEAD frames at most are in flight."""
+    from collections import deque
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from ferkit.infer.runtime import cpu_threads
+
+    workers = min(2, cpu_threads()) if rec.detector.thread_safe else 1
+    pending: deque[tuple[Unit, Future[list[Detection]] | None]] = deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ferkit-detect") as pool:
+        try:
+            for u in units:
+                pending.append((u, None if u.image is None else pool.submit(rec.detector.detect, u.image)))
+                if len(pending) > LOOKAHEAD:
+                    v, fut = pending.popleft()
+                    yield v, [] if fut is None else fut.result()
+            while pending:
+                v, fut = pending.popleft()
+                yield v, [] if fut is None else fut.result()
+        finally:
+            for _, fut in pending:  # the consumer stopped early: do not wait for frames nobody will read
+                if fut is not None:
+                    fut.cancel()
+
+
 def track_units(rec: Recognizer, units: Iterable[Unit], *, fps: float, every: int = 1,
                 tau: float = SMOOTH_SECONDS, lost_seconds: float = LOST_SECONDS,
                 keep_images: bool = False) -> Iterator[tuple[Unit, Results]]:
@@ -190,12 +221,11 @@ def track_units(rec: Recognizer, units: Iterable[Unit], *, fps: float, every: in
     tracker = FaceTracker(fps / every if fps > 0 else 0.0, lost_seconds=lost_seconds)
     smoother = ScoreSmoother(tau)
     dt = every / (fps if fps > 0 else _FALLBACK_FPS)
-    for u in units:
+    for u, dets in _detect_ahead(rec, units):
         if u.image is None:
             yield u, Results([], None, u.file, u.frame, u.time)
             continue
         t = u.time if u.time is not None else (u.frame or 0) * dt / every
-        dets = rec.detector.detect(u.image)
         ids = tracker.update(dets, u.image, t)
         boxes = [d.box for d in dets]
         probs = rec.classify(rec.crops(u.image, boxes)) if boxes else np.zeros((0, len(rec.classes)), np.float32)

@@ -1,0 +1,206 @@
+"""Video tracking speed and memory: frames per second with tracking on, where the time goes, RSS over a long video.
+
+    .venv/bin/python benchmarks/video_speed.py                      # 20 s clip + a 10-minute clip, every frame
+    .venv/bin/python benchmarks/video_speed.py --long-minutes 2     # quicker memory check
+
+The clip: 640×480 at 30 fps, made from wild-dev photos (tests/videoclips.py): one face for the first third, two for
+the second, three for the last, moving and changing size. Measured, every frame, tracking on:
+  * ``track_fps``: ``Recognizer.track`` over the whole clip (decode → detect → track → classify → smooth), best of
+    ``--rounds``; ``predict_fps``: ``ferkit predict``'s untracked path (``run_predict`` to /dev/null) for comparison;
+  * the share of each stage, timed separately in one instrumented pass with the same public calls: decode
+    (``read_video``), detection (``detector.detect``), classification (``crops`` + ``classify``), tracking
+    (``FaceTracker.update`` + ``ScoreSmoother.update``);
+  * RSS: ``ferkit track`` on a ``--long-minutes`` clip in a subprocess, its resident memory sampled every second
+    (``/proc/PID/status``); a flat curve means frames are streamed, not held.
+
+Goal: ≥ 60 frames/s on 2 cores. Prints a table and writes ``video_speed.json`` next to this script, with the load
+average (other processes slow every number).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from videoclips import Actor, load_face, write_clip  # noqa: E402
+
+TARGET_FPS = 60.0
+FPS = 30.0
+
+
+def actors(seconds: float) -> list[Actor]:
+    """Up to three wild-dev faces drifting across the frame; the second joins at 1/3, the third at 2/3."""
+    import math
+
+    def mover(x0: float, y0: float, s0: float, start: float, phase: float):
+        def at(t: float):
+            if t < start * seconds:
+                return None
+            u = t + phase
+            return (x0 + 60 * math.sin(u * 0.7), y0 + 25 * math.sin(u * 1.3), s0 * (1 + 0.25 * math.sin(u * 0.5)))
+        return at
+
+    return [Actor(load_face("happy", 0), mover(150, 200, 120, 0.0, 0.0)),
+            Actor(load_face("sad", 0), mover(470, 220, 110, 1 / 3, 1.0)),
+            Actor(load_face("neutral", 1), mover(320, 360, 90, 2 / 3, 2.0))]
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def timed_track(clip: Path, rounds: int) -> tuple[float, int, int]:
+    from ferkit import Recognizer
+
+    rec = Recognizer("fer3")
+    best, n, faces = float("inf"), 0, 0
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        n = faces = 0
+        for res in rec.track(clip):
+            n += 1
+            faces += len(res)
+        best = min(best, time.perf_counter() - t0)
+    return n / best, n, faces
+
+
+def timed_predict(clip: Path, rounds: int) -> float:
+    from ferkit.infer.predict import run_predict
+
+    best = float("inf")
+    with open(os.devnull, "w") as null:
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            run_predict([str(clip)], model="fer3", fmt="jsonl", out=null, err=sys.stderr, quiet=True)
+            best = min(best, time.perf_counter() - t0)
+    return int(FPS * args.seconds) / best
+
+
+def stage_shares(clip: Path) -> dict[str, float]:
+    """Seconds per stage over one pass, the same calls ``track_units`` makes."""
+    import numpy as np
+
+    from ferkit import Recognizer
+    from ferkit.infer.sources import read_video
+    from ferkit.infer.track import FaceTracker, ScoreSmoother
+
+    rec = Recognizer("fer3")
+    tracker, smoother = FaceTracker(FPS), ScoreSmoother()
+    tot = dict.fromkeys(("decode", "detect", "classify", "track"), 0.0)
+    it = read_video(str(clip), None, 1)
+    while True:
+        t0 = time.perf_counter()
+        u = next(it, None)
+        t1 = time.perf_counter()
+        tot["decode"] += t1 - t0
+        if u is None:
+            break
+        dets = rec.detector.detect(u.image)
+        t2 = time.perf_counter()
+        ids = tracker.update(dets, u.image, u.time)
+        t3 = time.perf_counter()
+        probs = rec.classify(rec.crops(u.image, [d.box for d in dets])) if dets else np.zeros((0, 3))
+        t4 = time.perf_counter()
+        for tid, p in zip(ids, probs):
+            if tid is not None:
+                smoother.update(tid, u.time, p)
+        t5 = time.perf_counter()
+        tot["detect"] += t2 - t1
+        tot["track"] += (t3 - t2) + (t5 - t4)
+        tot["classify"] += t4 - t3
+    return tot
+
+
+def rss_curve(clip: Path, out: Path) -> dict[str, Any]:
+    """Run ``ferkit track`` on ``clip``; sample its RSS (MiB) each second."""
+    cmd = [sys.executable, "-m", "ferkit", "track", str(clip), "--out", str(out), "--quiet"]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    samples: list[tuple[float, float]] = []
+    while proc.poll() is None:
+        try:
+            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    samples.append((round(time.perf_counter() - t0, 1), round(int(line.split()[1]) / 1024, 1)))
+        except OSError:
+            pass
+        time.sleep(1.0)
+    err = proc.stderr.read() if proc.stderr else ""
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"ferkit track failed ({proc.returncode}): {err}")
+    rss = [r for _, r in samples]
+    k = max(1, len(rss) // 10)
+    return {"wall_s": round(wall, 1), "samples": len(rss), "rss_mib_first_10pct": max(rss[:k]) if rss else None,
+            "rss_mib_max": max(rss) if rss else None, "rss_mib_last_10pct": max(rss[-k:]) if rss else None,
+            "curve": samples[:: max(1, len(samples) // 40)]}
+
+
+def main() -> None:
+    global args
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seconds", type=float, default=20.0, help="length of the speed clip")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--long-minutes", type=float, default=10.0, help="length of the RSS clip (0: skip)")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        clip = write_clip(d / "speed.mp4", actors(args.seconds), args.seconds, FPS)
+        track_fps, n, faces = timed_track(clip, args.rounds)
+        predict_fps = timed_predict(clip, args.rounds)
+        stages = stage_shares(clip)
+        total = sum(stages.values())
+        long = None
+        if args.long_minutes > 0:
+            secs = args.long_minutes * 60
+            lclip = write_clip(d / "long.mp4", actors(secs), secs, FPS)
+            long = {"minutes": args.long_minutes, "frames": int(secs * FPS), **rss_curve(lclip, d / "out")}
+            lclip.unlink()
+
+    res = {
+        "machine": {"cpu": cpu_name(), "cpus": os.cpu_count(), "load_avg": os.getloadavg(),
+                    "python": platform.python_version()},
+        "clip": {"size": "640x480", "fps": FPS, "seconds": args.seconds, "frames": n, "faces": faces,
+                 "faces_per_frame": round(faces / max(n, 1), 2)},
+        "target_fps": TARGET_FPS,
+        "track_fps": round(track_fps, 1),
+        "predict_fps_untracked": round(predict_fps, 1),
+        "stage_ms_per_frame": {k: round(1000 * v / max(n, 1), 2) for k, v in stages.items()},
+        "stage_share": {k: round(v / total, 3) for k, v in stages.items()},
+        "long_video": long,
+    }
+    (HERE / "video_speed.json").write_text(json.dumps(res, indent=2) + "\n")
+    print(f"{'clip':<28} 640x480 {FPS:.0f} fps, {n} frames, {res['clip']['faces_per_frame']} faces/frame")
+    print(f"{'track (frames/s)':<28} {res['track_fps']:>8.1f}   target {TARGET_FPS:.0f}")
+    print(f"{'predict, untracked':<28} {res['predict_fps_untracked']:>8.1f}")
+    for k in stages:
+        print(f"  {k:<26} {res['stage_ms_per_frame'][k]:>8.2f} ms/frame  {res['stage_share'][k]:>6.1%}")
+    if long:
+        print(f"{'RSS over ' + str(args.long_minutes) + ' min (MiB)':<28} first 10%: {long['rss_mib_first_10pct']}, "
+              f"max: {long['rss_mib_max']}, last 10%: {long['rss_mib_last_10pct']} ({long['wall_s']} s)")
+    print(f"load average {res['machine']['load_avg']}")
+
+
+args: argparse.Namespace
+
+if __name__ == "__main__":
+    main()

@@ -160,8 +160,9 @@ def create_app(settings: ServeSettings | None = None, **options: Any) -> FastAPI
         app.state.recognizer = rec
         app.state.ready = True
         log.info(
-            "model %s (%s) loaded and warmed up in %.1f s (backend %s); %d inference slot(s), queue %d, uploads ≤ "
-            "%.1f MB, ≤ %s pixels; API keys: %s; rate limit: %s",
+            "worker %d: model %s (%s) loaded and warmed up in %.1f s (backend %s); %d inference slot(s), queue %d, "
+            "uploads ≤ %.1f MB, ≤ %s pixels; API keys: %s; rate limit: %s",
+            os.getpid(),
             app.state.label, app.state.version, time.perf_counter() - t0, rec.backend, s.concurrency, s.queue,
             s.max_upload_bytes / 2**20, f"{s.max_pixels:,}", f"{len(api_keys)}" if api_keys else "off",
             f"{s.rate_limit:g}/s" if s.rate_limit else "off",

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +83,26 @@ class Admission:
             self._gauge.dec()
 
 
+@asynccontextmanager
+async def admitted(state: Any) -> AsyncIterator[Admission]:
+    """Admission of one inference request (any route that decodes and runs the model should use it).
+
+    Raises ``Rejected`` 503 (with ``Retry-After``) when the model is not loaded yet or the queue is full; otherwise
+    the request counts against the queue until the block ends. Inside, ``async with slot.running`` waits for one of
+    the ``max_concurrency`` places to run.
+    """
+    admission: Admission | None = state.admission
+    if state.recognizer is None or admission is None:
+        raise Rejected(503, "model not loaded yet", {"Retry-After": "2"}, reason="not_ready")
+    if not admission.try_enter():
+        raise Rejected(503, "server busy: too many requests waiting; retry shortly", {"Retry-After": "1"},
+                       reason="busy")
+    try:
+        yield admission
+    finally:
+        admission.leave()
+
+
 def meta_summary(meta: Any) -> dict[str, Any]:
     """What the API says about a model's metadata."""
     metrics = dict(getattr(meta, "metrics", {}) or {})
@@ -146,19 +168,14 @@ async def predict(
     detect: bool = Query(True, description="find faces first; false classifies the whole image"),
 ) -> dict[str, Any]:
     state = request.app.state
-    admission: Admission | None = state.admission
-    if state.recognizer is None or admission is None:
-        raise Rejected(503, "model not loaded yet", {"Retry-After": "2"}, reason="not_ready")
-    if not admission.try_enter():
-        raise Rejected(503, "server busy: too many requests waiting; retry shortly", {"Retry-After": "1"},
-                       reason="busy")
     t0 = time.perf_counter()
     try:
-        data, name = await image_bytes(request, state.settings.max_upload_bytes)
-        async with admission.running:
-            loop = asyncio.get_running_loop()
-            out = await loop.run_in_executor(state.pool, _infer, state, data, name, detect)
-        del data
+        async with admitted(state) as slot:
+            data, name = await image_bytes(request, state.settings.max_upload_bytes)
+            async with slot.running:
+                loop = asyncio.get_running_loop()
+                out = await loop.run_in_executor(state.pool, _infer, state, data, name, detect)
+            del data
     except FerkitError as e:
         raise rejection(e) from None
     except ClientDisconnect:  # nobody is listening any more; just free the slot
@@ -167,8 +184,6 @@ async def predict(
         log.error("out of memory while handling an upload")
         raise Rejected(503, "server out of memory for this image; try a smaller one", {"Retry-After": "5"},
                        reason="memory") from None
-    finally:
-        admission.leave()
     out["time_ms"] = round((time.perf_counter() - t0) * 1000, 1)
     return out
 

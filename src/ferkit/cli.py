@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--data", help="onnx: images for the parity check (default ../shared/data/fer2013 validation if "
                    "present); ferkit: the dataset to score the packed model on (default: its training data)")
     x.add_argument("--opset", type=int, default=17)
+    x.add_argument("--int8", action="store_true",
+                   help="onnx: statically quantised int8 (onnxruntime), calibrated on --data's train split and refused "
+                   "if it loses more than 0.5 points of accuracy on its validation split")
 
     from ferkit.serve.settings import add_arguments as add_serve_arguments  # light: the options, not the server
 
@@ -301,6 +304,17 @@ def cmd_export(a: argparse.Namespace) -> int:
 
     if len(specs) != 1:
         raise ConfigError("--format onnx exports one model; pack an ensemble first with --format ferkit")
+    if a.int8:
+        from ferkit.export import export_int8
+
+        if not a.data:
+            raise ConfigError("--int8 needs --data DATASET: its train split calibrates, its validation split checks")
+        r = export_int8(a.model, a.out, data=a.data, opset=a.opset)
+        print(f"wrote {r['path']}: int8 validation accuracy {r['int8_accuracy'] * 100:.2f}% (float "
+              f"{r['float_accuracy'] * 100:.2f}%, {-r['loss_points']:+.2f} points, n={r['n_validation']}), "
+              f"{r['int8_faces_per_s']:,.0f} faces/s (float {r['float_faces_per_s']:,.0f}), "
+              f"{r['int8_bytes'] / 1e6:.2f} MB (float {r['float_bytes'] / 1e6:.2f} MB)")
+        return 0
     r = export_onnx(a.model, a.out, data=a.data, opset=a.opset)
     print(
         f"wrote {r['path']}: parity vs PyTorch on {r['n']} images, max |Δp| = {r['max_abs_diff']:.2e} "

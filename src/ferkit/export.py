@@ -76,7 +76,7 @@ def default_parity_data() -> Path | None:
 
 def _parity_faces(meta: ModelMeta, data: str | os.PathLike | None, n: int) -> tuple[np.ndarray | None, str]:
     """Up to ``n`` uint8 S×S faces of the model's classes, spread over the classes; (None, why) if there are none."""
-    from ferkit.data import find_dataset, load_split
+    from ferkit.data import find_dataset
 
     path = Path(data) if data is not None else default_parity_data()
     if path is None:
@@ -94,15 +94,8 @@ def _parity_faces(meta: ModelMeta, data: str | os.PathLike | None, n: int) -> tu
         sources_log.setLevel(level)
     order = ["validation", "test", "single", "train"]
     split = next((ds.splits[s] for s in order if s in ds.splits), next(iter(ds.splits.values())))
-    # Take an even stride through the split so every class is represented without decoding the whole folder.
-    if split.pixels is None and len(split) > n:
-        idx = np.linspace(0, len(split) - 1, n).round().astype(int)
-        split.files = [split.files[i] for i in idx]
-        split.labels = split.labels[idx]
-    loaded = load_split(split, meta.input_size, use_cache=False)
-    images = loaded.images
-    if len(images) > n:
-        images = images[np.linspace(0, len(images) - 1, n).round().astype(int)]
+    # An even stride through the split: every class is represented without decoding the whole folder.
+    images = _sample_split(split, n, meta.input_size).images
     if len(images) == 0:
         return None, f"{path}: no readable images"
     return images, str(path)
@@ -250,3 +243,164 @@ def write_sibling(model: str | os.PathLike, *, data: str | None = None) -> dict[
     if path.suffix.lower() != ".safetensors":
         raise ExportError(f"{model}: an ONNX sibling is made from a .safetensors model file")
     return export_onnx(str(path), str(path.with_suffix(".onnx")), data=data)
+
+
+# -- int8 ------------------------------------------------------------------------------------------------------------
+
+#: The most validation accuracy (in points) an int8 model may lose against the float model before it is refused.
+INT8_MAX_LOSS_POINTS = 0.5
+#: Training faces the activation ranges are calibrated on (spread evenly over the split, so over the classes too).
+INT8_CALIBRATION_IMAGES = 1000
+#: Only the layers holding the weights are quantised; the calibrated softmax stays in float (its small probabilities
+#: would round to a few int8 levels).
+INT8_OP_TYPES = ("Conv", "Gemm", "MatMul")
+
+
+def _sample_split(split: Any, n: int, size: int) -> Any:
+    """Up to ``n`` images of a split, an even stride through it, decoded (not cached: a sample is not the split)."""
+    from ferkit.data import load_split
+
+    if split.pixels is None and len(split) > n:
+        idx = np.linspace(0, len(split) - 1, n).round().astype(int)
+        split.files = [split.files[i] for i in idx]
+        split.labels = split.labels[idx]
+    loaded = load_split(split, size, use_cache=False)
+    if len(loaded) > n:
+        keep = np.linspace(0, len(loaded) - 1, n).round().astype(int)
+        loaded.images, loaded.labels = loaded.images[keep], loaded.labels[keep]
+    return loaded
+
+
+def _session(model: bytes | str, threads: int | None = None) -> Any:
+    from ferkit.infer.runtime import OnnxRuntime
+
+    return OnnxRuntime(model, threads=threads)
+
+
+def _accuracy(rt: Any, x: np.ndarray, y: np.ndarray, batch: int = 256) -> float:
+    pred = np.concatenate([rt.probs(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)])
+    return float((pred == y).mean())
+
+
+def _faces_per_s(rt: Any, x: np.ndarray, batch: int = 256, repeats: int = 5) -> float:
+    """Throughput on one batch of real faces: the best of ``repeats`` timed runs after a warm-up run."""
+    import time
+
+    xb = x[:batch]
+    rt.probs(xb)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        rt.probs(xb)
+        best = min(best, time.perf_counter() - t)
+    return len(xb) / best
+
+
+def export_int8(model: str, out: str, *, data: str | os.PathLike, opset: int = 17,
+                calibration_images: int = INT8_CALIBRATION_IMAGES,
+                max_loss_points: float = INT8_MAX_LOSS_POINTS) -> dict[str, Any]:
+    """Export a ferkit model to a statically quantised int8 ONNX file, refused if it loses accuracy.
+
+    onnxruntime's ``quantize_static`` (QDQ format, per-channel int8 weights, uint8 activations) with activation ranges
+    calibrated on training images of ``data``; then the float and the int8 graphs are both scored on the whole
+    validation split and timed on a batch of 256 faces.
+
+    Args:
+        model: a bundled model's name, a run directory or a ``.safetensors`` model file.
+        out: the int8 ``.onnx`` file, written (atomically) only when the int8 model is within ``max_loss_points``.
+        data: a dataset root with a ``train`` split (calibration) and a ``validation`` split (the accuracy check).
+
+    Returns:
+        ``{"path", "float_accuracy", "int8_accuracy", "loss_points", "float_faces_per_s", "int8_faces_per_s",
+        "float_bytes", "int8_bytes", "n_validation", "n_calibration", ...}``.
+
+    Raises:
+        ExportError: the int8 model loses more than ``max_loss_points`` of validation accuracy (nothing written).
+        DatasetError: ``data`` lacks a train or validation split of the model's classes.
+    """
+    import tempfile
+
+    require("onnxruntime", "train", what="int8 export")
+    onnx = require("onnx", what="int8 export")
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from ferkit.data import find_dataset, load_split
+    from ferkit.preprocess import Preprocess
+
+    path = resolve_model_path(model)
+    net, meta = load_model(path, meta=read_meta(path))
+    pre = Preprocess.of(meta)
+    ds = find_dataset(data, list(meta.classes), require_all=False)
+    train, val = ds.split("train"), ds.split("validation")
+    # labels index ds.classes (the classes present in the data); the model's columns follow meta.classes
+    to_model = np.array([list(meta.classes).index(c) for c in ds.classes])
+    calib = _sample_split(train, calibration_images, meta.input_size)
+    loaded_val = load_split(val, meta.input_size)
+    x_val, y_val = pre.numpy(loaded_val.images), to_model[loaded_val.labels]
+    x_cal = pre.numpy(calib.images)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([x_cal[i:i + 64] for i in range(0, len(x_cal), 64)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            b = next(self.batches, None)
+            return None if b is None else {INPUT_NAME: b}
+
+    float_bytes = onnx_bytes(net, meta, opset=opset, source_digest=file_digest(path), label=str(model))
+    with tempfile.TemporaryDirectory(prefix="ferkit-int8-") as tmp:
+        f32, prep, q8 = (Path(tmp) / n for n in ("float.onnx", "prep.onnx", "int8.onnx"))
+        f32.write_bytes(float_bytes)
+        quant_pre_process(str(f32), str(prep), skip_symbolic_shape=True)  # shape inference + fusions first
+        quantize_static(str(prep), str(q8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                        calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=list(INT8_OP_TYPES))
+        proto = onnx.load(str(q8))
+    # quantize_static keeps the graph but not ferkit's metadata: copy it over, and say what was done
+    src = onnx.load_from_string(float_bytes)
+    del proto.metadata_props[:]
+    for p in src.metadata_props:
+        proto.metadata_props.add().CopyFrom(p)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "quantization", (f"int8 static QDQ (onnxruntime {_ort_version()}): per-channel int8 "
+                                              f"weights, uint8 activations, MinMax on {len(x_cal)} training faces")
+    proto.producer_name, proto.doc_string = "ferkit", src.doc_string + " (int8)"
+    int8_bytes = proto.SerializeToString()
+
+    rt_f, rt_q = _session(float_bytes), _session(int8_bytes)
+    acc_f, acc_q = _accuracy(rt_f, x_val, y_val), _accuracy(rt_q, x_val, y_val)
+    loss = (acc_f - acc_q) * 100
+    result: dict[str, Any] = {
+        "path": str(out), "model": str(model), "classes": list(meta.classes), "n_validation": int(len(y_val)),
+        "n_calibration": int(len(x_cal)), "float_accuracy": acc_f, "int8_accuracy": acc_q, "loss_points": loss,
+        "max_loss_points": max_loss_points, "float_faces_per_s": _faces_per_s(rt_f, x_val),
+        "int8_faces_per_s": _faces_per_s(rt_q, x_val), "float_bytes": len(float_bytes), "int8_bytes": len(int8_bytes),
+        "threads": rt_f.session.get_session_options().intra_op_num_threads, "written": False,
+    }
+    p_f, p_q = rt_f.probs(x_val[:1000]), rt_q.probs(x_val[:1000])
+    result["label_agreement"] = float((p_f.argmax(1) == p_q.argmax(1)).mean())
+    result["max_abs_diff"] = float(np.abs(p_f - p_q).max())
+    log.info("int8: validation %.2f%% (float %.2f%%), %.0f faces/s (float %.0f)", acc_q * 100, acc_f * 100,
+             result["int8_faces_per_s"], result["float_faces_per_s"])
+    out_path = Path(out)
+    if loss > max_loss_points:
+        raise ExportError(f"{model}: int8 loses {loss:.2f} points of validation accuracy ({acc_f * 100:.2f}% → "
+                          f"{acc_q * 100:.2f}%, limit {max_loss_points:g}); {out_path} not written")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_path) as t:
+        t.write_bytes(int8_bytes)
+    result["written"] = True
+    return result
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__

@@ -127,7 +127,8 @@ def measure(path: Path, meta: ModelMeta, data: Path) -> dict[str, Any]:
     faces, y = validation_faces(meta, data)
     robust = {}
     for name, fn in (("rotated 15°", lambda f: rotate(f, 15)), ("rotated 30°", lambda f: rotate(f, 30)),
-                     ("24×24 px face", lambda f: shrink(f, 24)), ("16×16 px face", lambda f: shrink(f, 16))):
+                     ("seen at 24×24 pixels", lambda f: shrink(f, 24)),
+                     ("seen at 16×16 pixels", lambda f: shrink(f, 16))):
         robust[name] = float((rec.classify(fn(faces)).argmax(1) == y).mean())
     wild = {}
     if (data.parent / "wild-dev").is_dir():
@@ -233,9 +234,10 @@ def card_text(name: str, meta: ModelMeta, params: int, size_mb: float, r: dict[s
     for c, row in zip(classes, v["confusion_matrix"]):
         lines.append(f"| **{c}** | " + " | ".join(str(x) for x in row) + " |")
     b, a, ins = cal["before"], cal["after_cross_fit"], cal["after_in_sample"]
-    poly = (f", log T = log {cal['temperature']:.4g} + " + " + ".join(
-        f"{c:.4g}·s^{k + 1}" for k, c in enumerate(cal["temperature_poly"])) + " (s: the raw top score)"
-            if cal["temperature_poly"] else f", T = {cal['temperature']:.4f}")
+    terms = "".join(f" {'+' if c >= 0 else '−'} {abs(c):.4g}·s{'²³'[k - 1] if k else ''}"
+                    for k, c in enumerate(cal["temperature_poly"]))
+    poly = (f", log T = log {cal['temperature']:.4g}{terms} (s: the raw top score)" if cal["temperature_poly"]
+            else f", T = {cal['temperature']:.4f}")
     lines += [
         "",
         "## Calibration",

@@ -240,8 +240,13 @@ def plot_reliability(rel: dict[str, Any], path: str | Path, title: str = "") -> 
     used = count > 0
     fig, (ax, hx) = plt.subplots(2, 1, figsize=(5, 6), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
     ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfect calibration")
-    ax.bar(centres[used], np.asarray(rel["accuracy"])[used], width=width * 0.9, color="#4c78a8", alpha=0.85,
+    few = count < 10  # a bin of a face or two says nothing: drawn pale so it does not dominate the picture
+    acc = np.asarray(rel["accuracy"])
+    ax.bar(centres[used & ~few], acc[used & ~few], width=width * 0.9, color="#4c78a8", alpha=0.85,
            label="accuracy in bin")
+    if (used & few).any():
+        ax.bar(centres[used & few], acc[used & few], width=width * 0.9, color="#4c78a8", alpha=0.25,
+               label="bin with < 10 faces")
     ax.plot(np.asarray(rel["confidence"])[used], np.asarray(rel["accuracy"])[used], "o-", color="#e45756", ms=3,
             label="(mean score, accuracy)")
     ax.set_ylabel("accuracy")

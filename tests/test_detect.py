@@ -110,7 +110,7 @@ def test_bad_input_raises_image_error(bad: object) -> None:
 @pytest.mark.parametrize("shape", [(480, 640, 3), (480, 640), (48, 48), (300, 300, 3)])
 @pytest.mark.parametrize("value", [0, 255])
 def test_blank_image_has_no_face(shape: tuple[int, ...], value: int) -> None:
-    # Square blanks matter too: they are shaped like face crops but must not trigger the whole-image fallback.
+    # Square blanks matter too: they are shaped like face crops (and get the second, padded look).
     assert get_detector("yunet").detect(np.full(shape, value, np.uint8)) == []
 
 
@@ -129,7 +129,7 @@ def test_single_face_photo(name: str) -> None:
     assert len(faces) == 1
     face = faces[0]
     assert _in_bounds(face, img)
-    assert face.score > 0.5  # a real detection, not the whole-image fallback
+    assert face.det_score > 0.6 and face.score == face.det_score  # YuNet's threshold; .score is the old name
     h, w = img.shape[:2]
     assert 0.3 * w < face.w < w and 0.3 * h < face.h <= h
     assert w / 4 < face.x + face.w / 2 < 3 * w / 4
@@ -142,7 +142,7 @@ def test_gray_and_rgb_agree() -> None:
     gray = np.asarray(Image.fromarray(rgb).convert("L"))
     results = [det.detect(rgb), det.detect(gray), det.detect(gray[:, :, None])]
     for faces in results:
-        assert len(faces) == 1 and faces[0].score > 0.5 and _in_bounds(faces[0], rgb)
+        assert len(faces) == 1 and faces[0].det_score > 0.6 and _in_bounds(faces[0], rgb)
     assert _iou(results[0][0], results[1][0]) > 0.7
     assert results[1] == results[2]
 
@@ -157,14 +157,14 @@ def test_two_faces_largest_first(name: str) -> None:
     assert len(faces) == 2
     assert faces[0].area >= faces[1].area
     assert _center_in(faces[0], big) and _center_in(faces[1], small)
-    assert all(_in_bounds(f, canvas) and f.score > 0.5 for f in faces)
+    assert all(_in_bounds(f, canvas) and f.det_score > 0.6 for f in faces)
 
 
 @needs_data
 @pytest.mark.parametrize("factor", [2, 3])
 def test_boxes_map_back_after_downscaling(factor: int) -> None:
-    # 640×480 is detected as is; ×2 and ×3 are downscaled to max_side first, so their boxes must come back ×factor.
-    det = get_detector("yunet")
+    # With a fixed detect size all three sizes are searched at 400 px: the boxes must come back ×factor.
+    det = get_detector("yunet", detect_size=400)
     scene, rect = _scene(_photo(SINGLE))
     (ref,) = det.detect(scene)
     assert _center_in(ref, rect)
@@ -176,21 +176,66 @@ def test_boxes_map_back_after_downscaling(factor: int) -> None:
 
 @needs_data
 def test_fer2013_crops_yield_a_face() -> None:
-    # 48×48 gray dataset faces: detected after upscaling or, failing that, returned whole by the crop fallback.
-    files = sorted((DATA / "fer2013").glob("*/*/*.jpg"))[::997][:20]
+    # 48×48 gray dataset faces that fill the frame: found after upscaling, or by the second look with a border.
+    files = sorted((DATA / "fer2013").glob("*/*/*.jpg"))[::997][:40]
     if not files:
         pytest.skip("no fer2013 images")
     det = get_detector("yunet")
+    found = 0
     for f in files:
         img = np.asarray(Image.open(f).convert("L"))
         faces = det.detect(img)
-        assert faces and all(_in_bounds(d, img) for d in faces), f
+        assert all(_in_bounds(d, img) and d.det_score >= 0.6 for d in faces), f
+        found += bool(faces)
+    assert found >= 0.95 * len(files)  # 98.3% of 600 validation crops (benchmarks/detectors.py)
+
+
+@needs_data
+def test_the_border_finds_faces_that_fill_the_frame() -> None:
+    # A face cropped tight to its box: without the second, padded look YuNet misses some of these.
+    files = sorted((DATA / "fer2013" / "validation").glob("*/*.jpg"))[::23][:150]
+    if not files:
+        pytest.skip("no fer2013 images")
+    cls = type(get_detector("yunet"))
+    with_border, without = cls(), cls(retry_pad=0.0)
+    imgs = [np.asarray(Image.open(f).convert("L")) for f in files]
+    a = sum(bool(with_border.detect(i)) for i in imgs)
+    b = sum(bool(without.detect(i)) for i in imgs)
+    assert a >= b and a >= 0.95 * len(imgs)
+
+
+def test_a_large_photo_is_searched_at_a_higher_resolution() -> None:
+    det = get_detector("yunet")
+    assert det.working_side(640, 480) == 400  # the common case is as fast as before
+    assert det.working_side(4000, 3000) == 1600 and det.working_side(1920, 1080) == 768
+    assert det.working_side(48, 48) == 160  # small crops scaled up
+    fixed = type(det)(detect_size=800)
+    assert fixed.working_side(4000, 3000) == 800 and fixed.working_side(640, 480) == 640
+    assert get_detector("yunet", detect_size=800) is get_detector("yunet", detect_size=800) is not det
+    with pytest.raises(ValueError, match="detect size"):
+        get_detector("yunet", detect_size=10)
+
+
+@needs_data
+def test_tiles_find_what_one_pass_finds() -> None:
+    # 16 faces ~60 px wide in a 2400×1600 image: one pass at 2400 px and 800-px tiles must agree (boxes merged
+    # across tiles, none doubled).
+    photo = _photo(SINGLE)
+    canvas = np.full((1600, 2400, 3), (120, 130, 110), np.uint8)
+    rects = [_paste(canvas, photo, 80 + 560 * (i % 4), 60 + 380 * (i // 4), 90 + 5 * i) for i in range(16)]
+    cls = type(get_detector("yunet"))
+    one = cls(detect_size=2400, tile=4096).detect(canvas)
+    tiled = cls(detect_size=2400, tile=800).detect(canvas)
+    for faces in (one, tiled):
+        assert len(faces) == 16 and all(any(_center_in(f, r) for r in rects) for f in faces)
+    a, b = np.array(sorted(f.box for f in tiled)), np.array(sorted(f.box for f in one))
+    assert (np.abs(a - b) <= 0.1 * b[:, 3:4] + 1).all()  # within 10% of the face: the context differs a little
 
 
 @needs_data
 @pytest.mark.slow
-def test_wild_dev_recall_at_least_98_percent() -> None:
+def test_wild_dev_recall_at_least_99_5_percent() -> None:
     files = sorted(p for p in WILD.glob("*/*") if p.suffix.lower() in {".jpg", ".jpeg", ".jfif", ".png"})
     det = get_detector("yunet")
     found = sum(bool(det.detect(np.asarray(Image.open(p).convert("RGB")))) for p in files)
-    assert found / len(files) >= 0.98
+    assert found / len(files) >= 0.995

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ferkit.errors import ImageError, ImageTooSmallError
+from ferkit.errors import ConfigError, ImageError, ImageTooSmallError
 from ferkit.images import ImageInput, load_image, resize_face
-from ferkit.infer.detect import DEFAULT_DETECTOR, Detector, get_detector
+from ferkit.infer.detect import DEFAULT_DETECTOR, Detection, Detector, WholeImageDetector, get_detector
 from ferkit.infer.results import CROP_MARGIN, Face, Results, crop_box, draw_faces
 from ferkit.infer.runtime import Runtime, make_runtime, prefer_passive_openmp
 
@@ -50,19 +50,30 @@ class Recognizer:
         detector: a detector name (see ``ferkit.infer.detect.list_detectors()``) or a ``Detector`` instance.
         device: ``"cpu"`` or a CUDA device (PyTorch backend).
         crop_margin: context added on each side of a detector box before classifying (fraction of its longer side).
+        min_det_score: drop faces whose detector confidence (``Face.det_score``) is below this, on top of the
+            detector's own threshold (YuNet: 0.6).
+        detect_size: longest side of the image the detector sees; None (default) chooses it per image: 400 px for
+            ordinary photos, up to 1600 for large ones (see ``ferkit.infer.detect.Detector.working_side``).
 
     Raises:
         ModelFileError: ``model`` is missing or not a ferkit model.
-        ValueError: an unknown detector or backend name.
+        UnknownNameError: an unknown detector or backend name.
+        ConfigError: ``min_det_score`` outside [0, 1] or ``detect_size`` outside 32..16384.
+        DeviceError: ``device`` is not on this machine.
         ImportError: a backend or detector whose package is not installed, naming the ``pip install`` that fixes it.
     """
 
     def __init__(self, model: str | os.PathLike = "fer3", backend: str = "auto", detector: str | Detector =
-                 DEFAULT_DETECTOR, device: str = "cpu", *, crop_margin: float = CROP_MARGIN) -> None:
+                 DEFAULT_DETECTOR, device: str = "cpu", *, crop_margin: float = CROP_MARGIN,
+                 min_det_score: float | None = None, detect_size: int | None = None) -> None:
         prefer_passive_openmp()  # before the detector loads its OpenMP runtime; see ferkit.infer.runtime
+        if min_det_score is not None and not 0.0 <= min_det_score <= 1.0:
+            raise ConfigError(f"min_det_score must be between 0 and 1, got {min_det_score}")
+        self.min_det_score = min_det_score
         # The detector next: a wrong name should fail before seconds are spent loading the model; and YuNet runs
         # 2-20× slower when torch's OpenMP runtime was loaded before its own.
-        self.detector: Detector = get_detector(detector) if isinstance(detector, str) else detector
+        self.detector: Detector = (get_detector(detector, detect_size=detect_size) if isinstance(detector, str)
+                                   else detector)
         self.runtime: Runtime = make_runtime(model, backend, device=device)
         self.meta: ModelMeta = self.runtime.meta
         self.classes: tuple[str, ...] = tuple(self.meta.classes)
@@ -172,7 +183,14 @@ class Recognizer:
 
     def detect(self, image: np.ndarray) -> list[tuple[int, int, int, int]]:
         """Face boxes ``(x, y, w, h)`` in a loaded image, largest first."""
-        return [(d.x, d.y, d.w, d.h) for d in self.detector.detect(image)]
+        return [d.box for d in self.detections(image)]
+
+    def detections(self, image: np.ndarray) -> list[Detection]:
+        """The detector's faces in a loaded image (box and ``det_score``), largest first, ``min_det_score`` applied."""
+        found = self.detector.detect(image)
+        if self.min_det_score is not None:
+            found = [d for d in found if d.det_score >= self.min_det_score]
+        return found
 
     def crops(self, image: np.ndarray, boxes: Sequence[tuple[int, int, int, int]]) -> np.ndarray:
         """uint8 N×S×S gray face crops for ``boxes`` (margin added, squared, kept inside the image, resized)."""
@@ -195,25 +213,30 @@ class Recognizer:
         paths = list(paths) if paths is not None else [None] * len(images)
         all_boxes: list[list[tuple[int, int, int, int]]] = []
         all_crops = []
+        all_scores: list[list[float | None]] = []
+        # No detector ran (--no-detect, the "whole" pseudo-detector): no confidence to report.
+        whole = not detect or isinstance(self.detector, WholeImageDetector)
         for img in images:
-            boxes = self.detect(img) if detect else [(0, 0, img.shape[1], img.shape[0])]
+            found = self.detections(img) if detect else [Detection(0, 0, img.shape[1], img.shape[0], 1.0)]
+            boxes = [d.box for d in found]
             all_boxes.append(boxes)
+            all_scores.append([None if whole else d.det_score for d in found])
             all_crops.append(self.crops(img, boxes))
         probs = self._classify_faces(np.concatenate(all_crops) if all_crops else
                                      np.zeros((0, self.meta.input_size, self.meta.input_size), np.uint8))
         out, k = [], 0
-        for img, path, boxes in zip(images, paths, all_boxes):
-            faces = [self._face(b, probs[k + j]) for j, b in enumerate(boxes)]
+        for img, path, boxes, dets in zip(images, paths, all_boxes, all_scores):
+            faces = [self._face(b, probs[k + j], dets[j]) for j, b in enumerate(boxes)]
             k += len(boxes)
             out.append(Results(faces, img if keep_images else None, path))
         return out
 
     # -- internals ---------------------------------------------------------------------------------------------------
 
-    def _face(self, box: tuple[int, int, int, int], p: np.ndarray) -> Face:
+    def _face(self, box: tuple[int, int, int, int], p: np.ndarray, det_score: float | None = None) -> Face:
         i = int(p.argmax())
         return Face(tuple(int(v) for v in box), self.classes[i], float(p[i]),  # type: ignore[arg-type]
-                    {c: float(v) for c, v in zip(self.classes, p)})
+                    {c: float(v) for c, v in zip(self.classes, p)}, det_score=det_score)
 
     def _classify_faces(self, faces: np.ndarray) -> np.ndarray:
         """uint8 N×S×S → probabilities, normalised as in training: ``(x/255 - mean) / std``."""

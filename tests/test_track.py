@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from videoclips import WILD, Actor, load_face, write_clip
+from videoclips import WILD, Actor, gap_clip, load_face, write_clip
 
 from ferkit.infer.predict import run_predict, run_track
 from ferkit.infer.report import VideoReport
@@ -51,8 +51,7 @@ def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         Actor(happy, lambda t: _lerp(HAPPY_PATH, t, CROSS_SECONDS)),  # drawn last: in front
     ], CROSS_SECONDS, FPS)
     # away from 1.0 s to 2.0 s (frames 20-39 hold no face), back at the same place
-    out["gap"] = write_clip(d / "gap.mp4", [Actor(happy, lambda t: None if 1.0 <= t < 2.0 else (320, 240, 150))],
-                            3.0, FPS)
+    out["gap"] = gap_clip(d / "gap.mp4", FPS)
     out["noface"] = write_clip(d / "noface.mp4", [], 1.0, FPS)
     avi = write_clip(d / "full.avi", [Actor(happy, lambda t: (320, 240, 150))], 2.0, FPS, fourcc="MJPG")
     data = avi.read_bytes()
@@ -191,7 +190,7 @@ def test_track_command_writes_csv_json_timeline_and_video(tmp_path: Path, clips:
     assert rc == 0, err
     rows = (tmp_path / "gap.frames.csv").read_text().splitlines()
     assert len(rows) == 1 + 40  # one row per face per frame: 60 frames, 20 of them empty
-    assert all(r.split(",")[2] == "1" for r in rows[2:])  # track 1 (the first row: a new face has no ID yet)
+    assert all(r.split(",")[2] == "1" for r in rows[1:])  # track 1 throughout, from the first frame
     png = Image.open(tmp_path / "gap.timeline.png")
     assert png.format == "PNG" and png.size[0] >= 600
     cap = cv2.VideoCapture(str(tmp_path / "gap.tracked.mp4"))

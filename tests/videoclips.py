@@ -94,3 +94,9 @@ def linear(p0: tuple[float, float, float], p1: tuple[float, float, float], secon
         return tuple(a + (b - a) * u for a, b in zip(p0, p1))  # type: ignore[return-value]
 
     return at
+
+
+def gap_clip(path: Path, fps: float = 20.0) -> Path:
+    """3 s, one happy face in the middle, away from 1.0 s to 2.0 s (back at the same place)."""
+    happy = load_face("happy", 0)
+    return write_clip(path, [Actor(happy, lambda t: None if 1.0 <= t < 2.0 else (320, 240, 150))], 3.0, fps)

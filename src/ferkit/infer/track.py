@@ -11,9 +11,9 @@ motion, size changes and crossing paths. The boxes reported are always the detec
 them IDs), so no face is invented. Chosen over ``norfair`` (needs numpy < 2), ``boxmot`` (needs torch) and
 Roboflow's ``trackers`` (needs the GUI build ``opencv-python``, which clashes with ``opencv-python-headless``).
 
-**Track IDs and re-identification.** IDs are 1, 2, … per video in order of appearance. A new face gets its ID on
-its second consecutive detection (a one-frame false detection never gets one; its face is reported with
-``track=None``). A face that is not detected for up to :data:`LOST_SECONDS` keeps its ID if it reappears where its
+**Track IDs and re-identification.** IDs are 1, 2, … per video in order of appearance. The faces of the first
+frame get theirs at once; a face that appears later gets its ID on its second consecutive detection (a one-frame
+false detection never gets one; its face is reported with ``track=None``). A face that is not detected for up to :data:`LOST_SECONDS` keeps its ID if it reappears where its
 track's motion predicts (IoU ≥ 0.2 with the predicted box); after a longer gap, or far from there, it gets a new ID.
 When a face comes back somewhere its motion did not predict — typically after walking behind another person, whose
 box hid it — ByteTrack starts a new track; ferkit then gives it the ID of a track lost within :data:`LOST_SECONDS`

@@ -100,6 +100,12 @@ class ServeSettings:
     graceful_timeout_s: float = _opt(
         30.0, "on SIGTERM/SIGINT stop accepting and give requests in flight this long to finish", parse=float,
         metavar="S", flag="--graceful-timeout")
+    max_video_mb: float = _opt(50.0, "larger video uploads to /v1/videos get 413", parse=float, metavar="MB")
+    max_video_seconds: float = _opt(120.0, "longer videos get 413 (from the duration the file declares)",
+                                    parse=float, metavar="S")
+    max_video_jobs: int = _opt(2, "video jobs queued or running at once; more get 503", parse=int, metavar="N")
+    video_job_ttl_s: float = _opt(600.0, "a video job and its result are forgotten this long after it was started",
+                                  parse=float, metavar="S", flag="--video-job-ttl")
     state_dir: str | None = _opt(
         None, "directory for the state shared by worker processes (metrics, rate limits); default: a fresh "
         "temporary directory, emptied at start", parse=_optional_str, metavar="DIR")
@@ -133,6 +139,11 @@ class ServeSettings:
             bad("min_det_score", f"must be between 0 and 1, got {self.min_det_score:g}")
         if self.rate_limit is not None and not self.rate_limit > 0:
             bad("rate_limit", f"must be more than 0 requests per second, got {self.rate_limit:g}")
+        for name in ("max_video_mb", "max_video_seconds", "video_job_ttl_s"):
+            if not getattr(self, name) > 0:
+                bad(name, f"must be more than 0, got {getattr(self, name):g}")
+        if self.max_video_jobs < 1:
+            bad("max_video_jobs", f"must be at least 1, got {self.max_video_jobs}")
         if self.graceful_timeout_s < 0:
             bad("graceful_timeout_s", f"must be 0 or more seconds, got {self.graceful_timeout_s:g}")
         for f in dataclasses.fields(self):

@@ -1,13 +1,21 @@
-"""Load test of ``ferkit serve``: N concurrent clients post 640×480 one-face photos to /v1/predict for a while.
+"""Load and fault test of ``ferkit serve`` on loopback: concurrent clients post 640×480 one-face photos to
+/v1/predict with an API key, then one worker process is killed mid-load.
 
-Starts the server as a real process on a loopback port, warms it up, then runs the clients (bounded by time and by
-request count) and reports requests/s, latency percentiles, errors and the server process's peak memory. Results are
-printed as a table and written to ``benchmarks/serve_load.json``.
+Starts the server as a real process (``--workers 2``, API keys on), waits for /readyz, warms it up, then:
 
-    python benchmarks/serve_load.py                      # bundled fer3, 8 clients, 30 s
-    python benchmarks/serve_load.py --duration 5 --model runs/x/model.safetensors --backend torch
+1. a load phase per client count (default 8 and 32): requests/s, latency p50/p95/p99, errors by status, and the
+   peak RSS of all server processes during the phase (the kernel's high-water mark, reset before each phase);
+2. a fault phase (30 s): 8 clients while one worker is killed with SIGKILL a quarter of the way in. Reported: requests
+   answered per second before, around and after the kill, the errors (requests in flight on the killed worker lose
+   their connection), the longest request (nothing may hang: every request ends in an answer or an error), when
+   the replacement worker came up, and that both workers serve afterwards.
 
-Targets on a 2-core CPU machine: ≥ 40 requests/s, p95 ≤ 250 ms.
+Results are printed as tables and written to ``benchmarks/serve_load.json``.
+
+    python benchmarks/serve_load.py                            # fer3, 8 and 32 clients, 20 s each, + fault
+    python benchmarks/serve_load.py --clients 8 --duration 30 --no-fault
+
+Targets on a 2-core CPU machine (8 clients): ≥ 40 requests/s, p95 ≤ 250 ms, no errors.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import json
 import os
 import platform
 import socket
+import signal
 import subprocess
 import sys
 import tempfile
@@ -81,11 +90,11 @@ def _status_kb(pid: int, field: str) -> int | None:
     return None
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time used so far by the server's processes."""
+def cpu_seconds(pid: int, tree: bool = True) -> float:
+    """User + system CPU time used so far by the server's processes (``tree=False``: by ``pid`` alone)."""
     ticks = os.sysconf("SC_CLK_TCK")
     total = 0.0
-    for p in process_tree(pid):
+    for p in process_tree(pid) if tree else [pid]:
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
             total += (int(fields[11]) + int(fields[12])) / ticks
@@ -111,9 +120,11 @@ def memory_mb(pid: int, field: str) -> float | None:
         return None
 
 
-def start_server(
-    model: str, port: int, backend: str, max_concurrency: int | None, log_path: Path, threads: int | None, workers: int
-) -> subprocess.Popen:
+KEY = "load-test-key-0123456789"
+
+
+def start_server(model: str, port: int, backend: str, max_concurrency: int | None, log_path: Path,
+                 threads: int | None, workers: int, keys: Path | None) -> subprocess.Popen:
     opts = {
         "host": "127.0.0.1",
         "port": port,
@@ -122,8 +133,9 @@ def start_server(
         "max_upload_mb": 10,
         "workers": workers,
         "max_concurrency": max_concurrency,
+        "api_keys": str(keys) if keys else None,
         "access_log": False,
-        "log_level": "warning",
+        "log_level": "info",
     }
     code = "from ferkit.serve.app import serve; serve(" + ", ".join(f"{k}={v!r}" for k, v in opts.items()) + ")"
     env = dict(os.environ)
@@ -133,210 +145,282 @@ def start_server(
     return subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
-def wait_healthy(base: str, proc: subprocess.Popen, log_path: Path, timeout: float = 180) -> None:
+def wait_ready(base: str, proc: subprocess.Popen, log_path: Path, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
         try:
-            if httpx.get(base + "/healthz", timeout=2).status_code == 200:
+            if httpx.get(base + "/readyz", timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
             pass
         time.sleep(0.3)
     proc.kill()
-    raise SystemExit(f"server not healthy after {timeout:.0f} s:\n{log_path.read_text()[-3000:]}")
+    raise SystemExit(f"server not ready after {timeout:.0f} s:\n{log_path.read_text()[-3000:]}")
 
 
-async def run_clients(
-    base: str, photo: bytes, clients: int, duration: float, max_requests: int, detect: bool = True
-) -> dict:
-    latencies: list[float] = []
-    errors: dict[str, int] = {}
-    issued = 0
-    deadline = time.perf_counter() + duration
+def workers_of(pid: int) -> list[int]:
+    """uvicorn's worker processes: the parent's children that run ``spawn_main`` (not the resource tracker)."""
+    out = []
+    for p in process_tree(pid)[1:]:
+        try:
+            cmd = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if b"spawn_main" in cmd:
+            out.append(p)
+    return out
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Reset the kernel's peak-RSS counter (VmHWM) of the server's processes (``echo 5 > /proc/PID/clear_refs``)."""
+    for p in process_tree(pid):
+        try:
+            Path(f"/proc/{p}/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+async def run_clients(base: str, photo: bytes, clients: int, duration: float, headers: dict[str, str],
+                      during: object = None) -> dict:
+    """``clients`` loops posting the photo for ``duration`` s; ``during`` (a coroutine function) runs alongside."""
+    events: list[tuple[float, float, str]] = []  # (end time since start, latency, outcome: status code or error)
+    t_start = time.perf_counter()
+    deadline = t_start + duration
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    url = base + "/v1/predict" + ("" if detect else "?detect=false")
+    url = base + "/v1/predict"
 
     async def client(c: httpx.AsyncClient) -> None:
-        nonlocal issued
-        while time.perf_counter() < deadline and issued < max_requests:
-            issued += 1
+        while time.perf_counter() < deadline:
             t0 = time.perf_counter()
             try:
-                r = await c.post(url, files={"file": ("photo.jpg", photo, "image/jpeg")})
-                key = None if r.status_code == 200 else str(r.status_code)
+                r = await c.post(url, files={"file": ("photo.jpg", photo, "image/jpeg")}, headers=headers)
+                outcome = str(r.status_code)
             except httpx.HTTPError as e:
-                key = type(e).__name__
-            if key is None:
-                latencies.append(time.perf_counter() - t0)
-            else:
-                errors[key] = errors.get(key, 0) + 1
+                outcome = type(e).__name__
+            t1 = time.perf_counter()
+            events.append((t1 - t_start, t1 - t0, outcome))
 
-    t_start = time.perf_counter()
-    async with httpx.AsyncClient(limits=limits, timeout=60) as c:
-        await asyncio.gather(*(client(c) for _ in range(clients)))
+    async with httpx.AsyncClient(limits=limits, timeout=30) as c:
+        tasks = [client(c) for _ in range(clients)]
+        if during is not None:
+            tasks.append(during(t_start))  # type: ignore[operator]
+        await asyncio.gather(*tasks)
     wall = time.perf_counter() - t_start
-    lat = np.array(latencies) * 1000
-    pct = (lambda q: float(np.percentile(lat, q))) if len(lat) else (lambda q: float("nan"))
+    ok = np.array([lat for _, lat, o in events if o == "200"]) * 1000
+    errors: dict[str, int] = {}
+    for _, _, o in events:
+        if o != "200":
+            errors[o] = errors.get(o, 0) + 1
+    pct = (lambda q: float(np.percentile(ok, q))) if len(ok) else (lambda q: float("nan"))
     return {
-        "requests": issued,
-        "ok": len(latencies),
+        "clients": clients,
+        "requests": len(events),
+        "ok": int(len(ok)),
         "errors": errors,
         "n_errors": sum(errors.values()),
         "seconds": wall,
-        "requests_per_s": len(latencies) / wall if wall else 0.0,
-        "latency_ms": {
-            "mean": float(lat.mean()) if len(lat) else float("nan"),
-            "p50": pct(50),
-            "p95": pct(95),
-            "p99": pct(99),
-            "max": float(lat.max()) if len(lat) else float("nan"),
-        },
+        "requests_per_s": len(ok) / wall if wall else 0.0,
+        "latency_ms": {"p50": pct(50), "p95": pct(95), "p99": pct(99),
+                       "max": float(max((lat for _, lat, _ in events), default=0) * 1000)},
+        "events": events,
     }
+
+
+def per_second(events: list[tuple[float, float, str]], seconds: float) -> list[dict]:
+    bins = [{"t": i, "ok": 0, "errors": 0} for i in range(int(seconds) + 2)]
+    for t, _, o in events:
+        bins[min(int(t), len(bins) - 1)]["ok" if o == "200" else "errors"] += 1
+    return bins
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument(
-        "--model",
-        default="fer3",
-        help="bundled name or model file (default fer3; a random test model when fer3 is not bundled yet)",
-    )
+    ap.add_argument("--model", default="fer3", help="bundled name or model file (default fer3)")
     ap.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"])
-    ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--duration", type=float, default=30.0, help="seconds of load")
-    ap.add_argument("--max-requests", type=int, default=20_000, help="stop after this many requests")
+    ap.add_argument("--clients", default="8,32", help="comma-separated client counts, one load phase each")
+    ap.add_argument("--duration", type=float, default=20.0, help="seconds of load per phase")
     ap.add_argument("--workers", type=int, default=2, help="server processes (ferkit serve defaults to one per CPU)")
-    ap.add_argument(
-        "--max-concurrency",
-        type=int,
-        default=None,
-        help="inference slots per server process (default: the server's own)",
-    )
+    ap.add_argument("--max-concurrency", type=int, default=None, help="inference slots per server process")
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for the server (0: leave unset)")
-    ap.add_argument(
-        "--no-detect",
-        action="store_true",
-        help="classify the whole photo (?detect=false): the server's cost without the face detector",
-    )
+    ap.add_argument("--no-keys", action="store_true", help="run the server without API keys")
+    ap.add_argument("--no-fault", action="store_true", help="skip the kill-a-worker phase")
+    ap.add_argument("--fault-clients", type=int, default=8, help="clients during the fault phase")
+    ap.add_argument("--fault-duration", type=float, default=30.0,
+                    help="seconds of the fault phase (the worker is killed after a quarter of it)")
     ap.add_argument("--photo", type=Path, default=None, help="portrait to compose the 640×480 photo from")
     ap.add_argument("--out", type=Path, default=HERE / "serve_load.json")
     args = ap.parse_args(argv)
-
-    from ferkit.modelfile import bundled_models
-
-    tmp = tempfile.TemporaryDirectory(prefix="ferkit-load-")
-    model, note = args.model, ""
-    if model == "fer3" and "fer3" not in bundled_models():
-        import torch
-
-        from ferkit.modelfile import ModelMeta, save_model
-        from ferkit.models import create_model
-
-        torch.manual_seed(0)
-        model = str(
-            save_model(
-                Path(tmp.name) / "fastcnn3.safetensors",
-                create_model("fastcnn", num_classes=3),
-                ModelMeta(arch="fastcnn", classes=("happy", "sad", "neutral")),
-            )
-        )
-        note = "fer3 not bundled yet: an untrained fastcnn (same architecture and cost) stands in"
-        print(f"note: {note}")
 
     src = args.photo or next(iter(sorted((DATA / "wild-dev" / "happy").glob("*.jpg"))), None)
     if src is None:
         raise SystemExit(f"no portrait to compose from: pass --photo (looked in {DATA / 'wild-dev'})")
     photo = compose_photo(src)
-
+    tmp = tempfile.TemporaryDirectory(prefix="ferkit-load-")
+    keys = None if args.no_keys else Path(tmp.name) / "keys.txt"
+    if keys:
+        keys.write_text(KEY + "\n")
+    headers = {} if keys is None else {"Authorization": f"Bearer {KEY}"}
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log_path = Path(tmp.name) / "server.log"
-    proc = start_server(model, port, args.backend, args.max_concurrency, log_path, args.threads or None, args.workers)
+    load0 = os.getloadavg()[0]
+    proc = start_server(args.model, port, args.backend, args.max_concurrency, log_path, args.threads or None,
+                        args.workers, keys)
+    phases, fault = [], None
     try:
-        wait_healthy(base, proc, log_path)
-        info = httpx.get(base + "/v1/models").json()
-        first = httpx.post(base + "/v1/predict", files={"file": ("photo.jpg", photo, "image/jpeg")}, timeout=60)
+        wait_ready(base, proc, log_path)
+        info = httpx.get(base + "/v1/models", headers=headers).json()
+        first = httpx.post(base + "/v1/predict", files={"file": ("photo.jpg", photo, "image/jpeg")}, headers=headers,
+                           timeout=60)
         first.raise_for_status()
         faces = len(first.json()["faces"])
         for _ in range(10):  # warm-up: first-call allocations, thread pools
-            httpx.post(base + "/v1/predict", files={"file": ("photo.jpg", photo, "image/jpeg")}, timeout=60)
-        rss_before = memory_mb(proc.pid, "VmRSS")
-        cpu0, client0 = cpu_seconds(proc.pid), time.process_time()
-        res = asyncio.run(run_clients(base, photo, args.clients, args.duration, args.max_requests, not args.no_detect))
-        server_cpu, client_cpu = cpu_seconds(proc.pid) - cpu0, time.process_time() - client0
-        rss_after = memory_mb(proc.pid, "VmRSS")
-        peak = memory_mb(proc.pid, "VmHWM")
-        healthy = httpx.get(base + "/healthz", timeout=5).status_code == 200
+            httpx.post(base + "/v1/predict", files={"file": ("photo.jpg", photo, "image/jpeg")}, headers=headers,
+                       timeout=60)
+        idle_rss = memory_mb(proc.pid, "VmRSS")
+        for n in [int(c) for c in args.clients.split(",") if c.strip() and c.strip() != "0"]:
+            reset_peak_rss(proc.pid)
+            cpu0 = cpu_seconds(proc.pid)
+            res = asyncio.run(run_clients(base, photo, n, args.duration, headers))
+            res["server_cpu_ms_per_request"] = 1000 * (cpu_seconds(proc.pid) - cpu0) / max(1, res["requests"])
+            res["peak_rss_mb"] = memory_mb(proc.pid, "VmHWM")
+            res["load_average_1min"] = os.getloadavg()[0]
+            res.pop("events")
+            phases.append(res)
+        if not args.no_fault:
+            fault = run_fault(base, proc, photo, args, headers, log_path)
+        healthy = httpx.get(base + "/readyz", timeout=5).status_code == 200
     finally:
-        proc.terminate()
+        proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(15)
+            proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+    log_text = log_path.read_text(errors="replace")
+    if fault is not None:
+        fault["server_log"] = [ln for ln in log_text.splitlines() if "died" in ln or ": model " in ln]
 
-    lat = res["latency_ms"]
-    passed = res["requests_per_s"] >= TARGET_RPS and lat["p95"] <= TARGET_P95_MS and res["n_errors"] == 0
+    target = next((p for p in phases if p["clients"] == 8), phases[0] if phases else None)
+    passed = bool(target) and target["requests_per_s"] >= TARGET_RPS and target["latency_ms"]["p95"] <= TARGET_P95_MS \
+        and target["n_errors"] == 0
     report = {
         "config": {
             "model": args.model,
-            "model_used": Path(model).name if note else model,
-            "note": note,
             "backend": info["loaded"]["backend"],
-            "clients": args.clients,
             "workers": args.workers,
-            "detect": not args.no_detect,
-            "duration_s": args.duration,
-            "max_requests": args.max_requests,
+            "api_keys": keys is not None,
+            "duration_s_per_phase": args.duration,
             "server_limits": info["limits"],
             "omp_threads": args.threads,
             "photo": f"640x480 JPEG ({len(photo)} bytes) composed from {src.name}",
             "faces_per_photo": faces,
         },
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "results": {
-            **res,
-            "server_cpu_ms_per_request": 1000 * server_cpu / max(1, res["requests"]),
-            "client_cpu_ms_per_request": 1000 * client_cpu / max(1, res["requests"]),
-            "load_average_1min": os.getloadavg()[0],
-            "server_rss_mb": {"before": rss_before, "after": rss_after, "peak": peak},
-            "healthy_after": healthy,
-        },
-        "targets": {"requests_per_s": TARGET_RPS, "p95_ms": TARGET_P95_MS, "passed": passed},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "load_average_1min_before": load0},
+        "idle_rss_mb": idle_rss,
+        "phases": phases,
+        "fault": fault,
+        "healthy_after": healthy,
+        "server_log_tracebacks": log_text.count("Traceback"),
+        "targets": {"clients": 8, "requests_per_s": TARGET_RPS, "p95_ms": TARGET_P95_MS, "passed": passed},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
 
-    def mb(v: float | None) -> str:
-        return "n/a" if v is None else f"{v:.0f} MiB"
-
-    rows = [
-        ("model", f"{report['config']['model_used']} ({report['config']['backend']})"),
-        ("clients × duration", f"{args.clients} × {res['seconds']:.1f} s"),
-        ("faces per photo", str(faces)),
-        ("requests ok / errors", f"{res['ok']} / {res['n_errors']} {res['errors'] or ''}".rstrip()),
-        ("requests/s", f"{res['requests_per_s']:.1f}   (target ≥ {TARGET_RPS:.0f})"),
-        ("latency p50", f"{lat['p50']:.1f} ms"),
-        ("latency p95", f"{lat['p95']:.1f} ms   (target ≤ {TARGET_P95_MS:.0f})"),
-        ("latency p99", f"{lat['p99']:.1f} ms"),
-        (
-            "server CPU per request",
-            (
-                f"{report['results']['server_cpu_ms_per_request']:.1f} ms "
-                f"(client {report['results']['client_cpu_ms_per_request']:.1f} ms)"
-            ),
-        ),
-        ("load average (1 min)", f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"),
-        ("server RSS before/after/peak", f"{mb(rss_before)} / {mb(rss_after)} / {mb(peak)}"),
-        ("healthy afterwards", str(healthy)),
-        ("targets met", str(passed)),
-    ]
-    w = max(len(k) for k, _ in rows)
-    print("\n".join(f"{k:<{w}}  {v}" for k, v in rows))
+    print(f"model {args.model} ({report['config']['backend']}), {args.workers} workers, API keys "
+          f"{'on' if keys else 'off'}, {faces} face per photo, load average before {load0:.1f} on "
+          f"{os.cpu_count()} CPUs")
+    print(f"{'clients':>7} {'req/s':>7} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'ok':>6}  {'errors':<18} "
+          f"{'peak RSS':>9} {'load':>5}")
+    for p in phases:
+        lat = p["latency_ms"]
+        err = ", ".join(f"{k}: {v}" for k, v in p["errors"].items()) or "none"
+        print(f"{p['clients']:>7} {p['requests_per_s']:>7.1f} {lat['p50']:>7.0f} {lat['p95']:>7.0f} {lat['p99']:>7.0f} "
+              f"{p['ok']:>6}  {err:<18} {p['peak_rss_mb'] or 0:>5.0f} MiB {p['load_average_1min']:>5.1f}")
+    if fault:
+        print()
+        rows = [
+            ("clients × duration", f"{fault['clients']} × {fault['seconds']:.1f} s"),
+            ("worker killed (SIGKILL) at", f"{fault['killed_at_s']:.1f} s: pid {fault['killed_pid']}"),
+            ("replacement serving after", "never" if fault["replaced_after_s"] is None else
+             f"{fault['replaced_after_s']:.1f} s (pid {fault['replacement_pid']})"),
+            ("answered 200", str(fault["ok"])),
+            ("errors", ", ".join(f"{k}: {v}" for k, v in fault["errors"].items()) or "none"),
+            ("req/s before / first 5 s after / rest", " / ".join(f"{v:.1f}" for v in fault["rps_before_around_after"])),
+            ("longest request", f"{fault['longest_request_ms']:.0f} ms (client timeout 30 s: none hung)"
+             if fault["longest_request_ms"] < 30000 else f"{fault['longest_request_ms']:.0f} ms"),
+            ("afterwards, 40 new connections", f"{fault['probe_after']['status']}; CPU s per worker "
+             f"{fault['probe_after']['worker_cpu_s']}: all workers serve = {fault['all_workers_answer_after']}"),
+        ]
+        w = max(len(k) for k, _ in rows)
+        print("\n".join(f"{k:<{w}}  {v}" for k, v in rows))
+    print(f"targets met (8 clients: ≥ {TARGET_RPS:.0f} req/s, p95 ≤ {TARGET_P95_MS:.0f} ms, no errors): {passed}")
     print(f"written {args.out}")
     tmp.cleanup()
     return 0
+
+
+def run_fault(base: str, proc: subprocess.Popen, photo: bytes, args: argparse.Namespace,
+              headers: dict[str, str], log_path: Path) -> dict:
+    """Load with ``--fault-clients`` clients; SIGKILL one worker a quarter of the way in; see the module docstring."""
+    before = workers_of(proc.pid)
+    if len(before) < 2:
+        return {"skipped": f"{len(before)} worker process(es): the fault phase needs --workers 2 or more"}
+    victim = before[-1]
+    duration = args.fault_duration
+    kill_at = duration / 4
+    seen: dict[str, float | int | None] = {"killed_at_s": None, "replaced_after_s": None, "replacement_pid": None}
+
+    async def killer(t_start: float) -> None:
+        await asyncio.sleep(kill_at)
+        os.kill(victim, signal.SIGKILL)
+        t_kill = time.perf_counter()
+        seen["killed_at_s"] = t_kill - t_start
+        # the replacement: a new worker process whose model is loaded and warmed up (its line in the server log)
+        while time.perf_counter() - t_kill < duration:
+            new = [p for p in workers_of(proc.pid) if p not in before]
+            if new and f"worker {new[0]}: model" in log_path.read_text(errors="replace"):
+                seen["replaced_after_s"] = time.perf_counter() - t_kill
+                seen["replacement_pid"] = new[0]
+                return
+            await asyncio.sleep(0.1)
+
+    res = asyncio.run(run_clients(base, photo, args.fault_clients, duration, headers, killer))
+    events = res.pop("events")
+    k = seen["killed_at_s"] or kill_at
+
+    def rps(lo: float, hi: float) -> float:
+        n = sum(1 for t, _, o in events if lo <= t < hi and o == "200")
+        return n / max(1e-9, hi - lo)
+
+    # Every worker, the replacement included, serves new connections afterwards: the clients' keep-alive connections
+    # all sit on the surviving worker by now, so probe with one fresh connection per request and see which workers
+    # spent CPU time on them.
+    probe_cpu = {p: cpu_seconds(p, tree=False) for p in workers_of(proc.pid)}
+    probe_status: dict[str, int] = {}
+    for _ in range(40):
+        with httpx.Client(headers=headers, timeout=30) as c:
+            r = c.post(base + "/v1/predict", files={"file": ("photo.jpg", photo, "image/jpeg")})
+        probe_status[str(r.status_code)] = probe_status.get(str(r.status_code), 0) + 1
+    served_cpu_s = {str(p): round(cpu_seconds(p, tree=False) - c, 2) for p, c in probe_cpu.items()}
+    return {
+        "clients": args.fault_clients,
+        "seconds": res["seconds"],
+        "killed_pid": victim,
+        **seen,
+        "ok": res["ok"],
+        "errors": res["errors"],
+        "rps_before_around_after": [rps(0, k), rps(k, k + 5), rps(k + 5, res["seconds"])],
+        "longest_request_ms": res["latency_ms"]["max"],
+        "latency_ms": res["latency_ms"],
+        "per_second": per_second(events, res["seconds"]),
+        "workers_after": workers_of(proc.pid),
+        "probe_after": {"requests": 40, "status": probe_status, "worker_cpu_s": served_cpu_s},
+        "all_workers_answer_after": len(served_cpu_s) == len(before) and probe_status == {"200": 40}
+        and all(v > 0.05 for v in served_cpu_s.values()),
+    }
 
 
 if __name__ == "__main__":

@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"])
     pr.add_argument("--track", action="store_true", help="video: give each face a track ID and smoothed scores")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
+    pr.add_argument("--min-score", type=float, default=None, metavar="P",
+                    help="label a face 'uncertain' when its top calibrated score is below P (see ferkit models --card)")
 
     tk = sub.add_parser("track", help="follow each person through videos: per-frame CSV, per-track summary, timeline",
                         description="For each video (or folder of frames) write NAME.frames.csv, NAME.tracks.json, "
@@ -132,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     tk.add_argument("--detector", default="yunet")
     tk.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"])
     tk.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    ex = sub.add_parser("explain", help="heat maps of what drove each face's prediction (Grad-CAM; needs torch)")
+    ex.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files or folders")
+    ex.add_argument("--out", required=True, help="folder for NAME.explain.png and NAME.faceN.png")
+    ex.add_argument("--model", default="fer3")
+    ex.add_argument("--detector", default="yunet")
+    ex.add_argument("--no-detect", action="store_true", help="explain each whole image as one face")
+    ex.add_argument("--target", help="explain this class instead of each face's predicted one")
 
     x = sub.add_parser("export", help="export a model to ONNX with a parity check, or pack an ensemble")
     x.add_argument("--model", required=True, help="model name, run dir or file; comma-separated for an ensemble")
@@ -277,6 +287,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
         backend=a.backend,
         track=a.track,
         quiet=a.quiet,
+        min_score=a.min_score,
     )
 
 
@@ -285,6 +296,12 @@ def cmd_track(a: argparse.Namespace) -> int:
 
     return run_track(a.inputs, out_dir=a.out, model=a.model, every=a.every, save_video=a.save_video,
                      detector=a.detector, backend=a.backend, smooth=a.smooth, quiet=a.quiet)
+
+
+def cmd_explain(a: argparse.Namespace) -> int:
+    from ferkit.infer.explain import run_explain
+
+    return run_explain(a.inputs, a.out, model=a.model, detector=a.detector, no_detect=a.no_detect, target=a.target)
 
 
 def cmd_export(a: argparse.Namespace) -> int:
@@ -405,6 +422,7 @@ COMMANDS = {
     "evaluate": cmd_evaluate,
     "predict": cmd_predict,
     "track": cmd_track,
+    "explain": cmd_explain,
     "export": cmd_export,
     "serve": cmd_serve,
     "models": cmd_models,

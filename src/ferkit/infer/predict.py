@@ -34,7 +34,7 @@ __all__ = ["FORMATS", "VIDEO_SUFFIXES", "run_predict", "run_track"]
 def run_predict(inputs: list[str], *, model: str = "fer3", fmt: str = "table", save_annotated: str | None = None,
                 no_detect: bool = False, detector: str = "yunet", every: int = 1, batch_size: int = 64,
                 backend: str = "auto", track: bool = False, quiet: bool = False, out: TextIO | None = None,
-                err: TextIO | None = None) -> int:
+                err: TextIO | None = None, min_score: float | None = None) -> int:
     """Recognise expressions in images, folders (recursively) and videos and print the results.
 
     Args:
@@ -50,6 +50,7 @@ def run_predict(inputs: list[str], *, model: str = "fer3", fmt: str = "table", s
         backend: ``auto``, ``onnx`` or ``torch``.
         track: give the faces of videos track IDs and smoothed scores (see :mod:`ferkit.infer.track`).
         quiet: no progress bar (there is none anyway when stderr is not a terminal).
+        min_score: label faces whose top calibrated score is below this ``"uncertain"`` (scores kept).
         out: where results go (default stdout); err: where errors go (default stderr).
 
     Returns:
@@ -75,7 +76,7 @@ def run_predict(inputs: list[str], *, model: str = "fer3", fmt: str = "table", s
     from ferkit.infer.recognizer import Recognizer
 
     try:
-        rec = Recognizer(model, backend=backend, detector="whole" if no_detect else detector)
+        rec = Recognizer(model, backend=backend, detector="whole" if no_detect else detector, min_score=min_score)
     except (FerkitError, ValueError, ImportError) as e:
         return fail(str(e))
 

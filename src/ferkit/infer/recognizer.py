@@ -30,6 +30,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from ferkit.modelfile import ModelMeta
 
 log = logging.getLogger(__name__)
+#: The label of a face whose top calibrated score is below ``Recognizer(min_score=...)``.
+UNCERTAIN = "uncertain"
 
 # Face, Results, crop_box and draw_faces live in ferkit.infer.results; re-exported here for existing imports.
 __all__ = ["CROP_MARGIN", "MIN_IMAGE_SIDE", "Face", "Recognizer", "Results", "crop_box", "draw_faces"]
@@ -52,6 +54,8 @@ class Recognizer:
         crop_margin: context added on each side of a detector box before classifying (fraction of its longer side).
         min_det_score: drop faces whose detector confidence (``Face.det_score``) is below this, on top of the
             detector's own threshold (YuNet: 0.6).
+        min_score: label a face ``"uncertain"`` when its top calibrated score is below this (its ``score`` and
+            ``scores`` are kept); None never abstains. The model card suggests a value.
         detect_size: longest side of the image the detector sees; None (default) chooses it per image: 400 px for
             ordinary photos, up to 1600 for large ones (see ``ferkit.infer.detect.Detector.working_side``).
 
@@ -65,8 +69,12 @@ class Recognizer:
 
     def __init__(self, model: str | os.PathLike = "fer3", backend: str = "auto", detector: str | Detector =
                  DEFAULT_DETECTOR, device: str = "cpu", *, crop_margin: float = CROP_MARGIN,
-                 min_det_score: float | None = None, detect_size: int | None = None) -> None:
+                 min_det_score: float | None = None, detect_size: int | None = None,
+                 min_score: float | None = None) -> None:
         prefer_passive_openmp()  # before the detector loads its OpenMP runtime; see ferkit.infer.runtime
+        if min_score is not None and not 0.0 <= min_score <= 1.0:
+            raise ConfigError(f"min_score must be between 0 and 1, got {min_score}")
+        self.min_score = min_score
         if min_det_score is not None and not 0.0 <= min_det_score <= 1.0:
             raise ConfigError(f"min_det_score must be between 0 and 1, got {min_det_score}")
         self.min_det_score = min_det_score
@@ -158,6 +166,26 @@ class Recognizer:
                                   **kwargs):
             yield res
 
+    def explain(self, image: ImageInput, detect: bool = True, target: str | None = None) -> Any:
+        """Recognise the faces in one image and explain each prediction with a Grad-CAM heat map.
+
+        Args:
+            image: as for :meth:`predict`.
+            detect: False to explain the whole image as one face.
+            target: the class to explain (default: each face's predicted class).
+
+        Returns:
+            A :class:`ferkit.infer.explain.Explanation`: ``.faces[i].heatmap`` (S×S in [0, 1]),
+            ``.faces[i].face_overlay`` (the face with its map) and ``.overlay`` (the photo with all maps).
+
+        Raises:
+            ImageError: the image cannot be read.
+            ImportError: torch is not installed (``pip install 'ferkit[train]'``).
+        """
+        from ferkit.infer.explain import explain
+
+        return explain(self, image, detect=detect, target=target)
+
     # -- building blocks (used by ``ferkit predict`` and the server) ------------------------------------------------
 
     @staticmethod
@@ -235,7 +263,9 @@ class Recognizer:
 
     def _face(self, box: tuple[int, int, int, int], p: np.ndarray, det_score: float | None = None) -> Face:
         i = int(p.argmax())
-        return Face(tuple(int(v) for v in box), self.classes[i], float(p[i]),  # type: ignore[arg-type]
+        # Abstain when the calibrated top score is below min_score: the label says so, the scores stay as they are.
+        label = UNCERTAIN if self.min_score is not None and p[i] < self.min_score else self.classes[i]
+        return Face(tuple(int(v) for v in box), label, float(p[i]),  # type: ignore[arg-type]
                     {c: float(v) for c, v in zip(self.classes, p)}, det_score=det_score)
 
     def _classify_faces(self, faces: np.ndarray) -> np.ndarray:

@@ -116,7 +116,7 @@ def meta_summary(meta: Any) -> dict[str, Any]:
     }
 
 
-def _infer(state: Any, data: bytes, name: str, detect: bool) -> dict[str, Any]:
+def _infer(state: Any, data: bytes, name: str, detect: bool, min_score: float | None = None) -> dict[str, Any]:
     rec = state.recognizer
     t0 = time.perf_counter()
     # decoded here (not by predict) to report the size the boxes refer to, and under the server's own pixel limit
@@ -124,6 +124,12 @@ def _infer(state: Any, data: bytes, name: str, detect: bool) -> dict[str, Any]:
     h, w = image.shape[:2]
     res = rec.predict_arrays([image], detect=detect, keep_images=False)[0].to_dict()
     res.pop("file", None)
+    if min_score is not None:  # per request, so the shared Recognizer is left as it is
+        from ferkit.infer.recognizer import UNCERTAIN
+
+        for face in res.get("faces", ()):
+            if face["score"] < min_score:
+                face["label"] = UNCERTAIN
     if state.metrics is not None:
         state.metrics.inference.labels(**state.metrics.labels).observe(time.perf_counter() - t0)
         state.metrics.faces.labels(**state.metrics.labels).observe(len(res.get("faces", ())))
@@ -166,6 +172,8 @@ def _responses(**codes: str) -> dict[int | str, dict[str, Any]]:
 async def predict(
     request: Request,
     detect: bool = Query(True, description="find faces first; false classifies the whole image"),
+    min_score: float | None = Query(None, ge=0.0, le=1.0, description="label a face 'uncertain' when its top "
+                                    "calibrated score is below this (scores kept); the model card suggests one"),
 ) -> dict[str, Any]:
     state = request.app.state
     t0 = time.perf_counter()
@@ -174,7 +182,7 @@ async def predict(
             data, name = await image_bytes(request, state.settings.max_upload_bytes)
             async with slot.running:
                 loop = asyncio.get_running_loop()
-                out = await loop.run_in_executor(state.pool, _infer, state, data, name, detect)
+                out = await loop.run_in_executor(state.pool, _infer, state, data, name, detect, min_score)
             del data
     except FerkitError as e:
         raise rejection(e) from None

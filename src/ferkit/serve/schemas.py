@@ -20,7 +20,7 @@ class Error(BaseModel):
 class FaceOut(_Open):
     box: list[int] = Field(description="x, y, width, height in the image's pixels", min_length=4, max_length=4)
     det_score: float | None = Field(None, description="the face detector's confidence (absent without detection)")
-    label: str = Field(description="the most probable expression")
+    label: str = Field(description="the most probable expression, or 'uncertain' when its score is below min_score")
     score: float = Field(description="its probability")
     scores: dict[str, float] = Field(description="probability of every class; they sum to 1")
 

@@ -12,7 +12,7 @@ from types import ModuleType
 #: Which extra brings each optional top-level module (import name → extra).
 EXTRA_OF = {
     "torch": "train", "lightning": "train", "torchmetrics": "train", "yaml": "train", "matplotlib": "train",
-    "tqdm": "train", "onnx": "train", "timm": "train",
+    "tqdm": "train", "onnx": "train", "timm": "train", "captum": "train",
     "fastapi": "serve", "uvicorn": "serve", "multipart": "serve", "prometheus_client": "serve",
     "kagglehub": "download",
 }

@@ -7,7 +7,7 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check
 TORCH := torch==2.14.1
 PORT ?= 8000
 
-.PHONY: install test serve demo bench lint browser clean
+.PHONY: install test serve demo bench lint browser clean image image-test
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -37,6 +37,22 @@ demo: install
 bench: install
 	$(PY) benchmarks/infer_speed.py
 	$(PY) benchmarks/serve_load.py
+
+# The torch-free server image (Containerfile). BASE_IMAGE needs python3 with venv; podman or docker.
+IMAGE ?= ferkit:latest
+BASE_IMAGE ?= python:3.11-slim
+CONTAINER ?= podman --runtime runc
+# PIP_CA: a CA bundle for pip inside the build (a TLS-inspecting proxy), passed as a build secret, not stored.
+PIP_CA ?=
+comma := ,
+image:
+	$(CONTAINER) build --format docker --build-arg BASE=$(BASE_IMAGE) \
+	  $(if $(PIP_CA),--secret id=pip-ca$(comma)src=$(PIP_CA)) -t $(IMAGE) -f Containerfile .
+
+# Builds the image on a Debian bookworm base made with debootstrap (no registry needed), runs it, sends a real photo.
+# Slow (minutes), so not part of `make test`.
+image-test:
+	bash scripts/image_test.sh
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks

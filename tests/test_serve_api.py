@@ -107,7 +107,7 @@ def _bad_inputs(jpeg: bytes) -> list[tuple[str, dict, int, str]]:
         ("two files in one upload", two, 400, "2 files in one upload"),
         ("detect=maybe", {"content": jpeg, "params": {"detect": "maybe"}}, 422, "detect"),
         ("unknown query parameter", {"content": jpeg, "params": {"detct": "false"}}, 422,
-         "unknown query parameter 'detct' (valid: detect)"),
+         "unknown query parameter 'detct' (valid: detect"),
     ]
 
 
@@ -325,3 +325,17 @@ def test_detector_options_reach_the_recognizer(jpeg: bytes) -> None:
         assert rec.detector.detect_size == 320 and rec.min_det_score == 0.99
         r = c.post("/v1/predict", content=jpeg)
         assert r.status_code == 200 and all(f["det_score"] >= 0.99 for f in r.json()["faces"])
+
+
+def test_rate_limit_is_shared_by_worker_processes(tmp_path: Path) -> None:
+    """Two limiters on one state file (as two worker processes have) spend the same buckets; time refills them."""
+    from ferkit.serve.security import RateLimiter
+
+    a, b = RateLimiter(3, tmp_path / "ratelimit.sqlite"), RateLimiter(3, tmp_path / "ratelimit.sqlite")
+    waits = [lim.take("key:x") for lim in (a, b, a, b)]
+    assert waits[:3] == [0, 0, 0] and 0 < waits[3] <= 1 / 3 + 0.05  # the burst of 3 is shared, the 4th waits
+    assert b.take("key:y") == 0  # another client has its own bucket
+    import time
+
+    time.sleep(waits[3] + 0.05)
+    assert a.take("key:x") == 0

@@ -9,15 +9,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
 
-from ferkit.modelfile import ModelMeta, save_model
-from ferkit.models import create_model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WILD = DATA / "wild-dev"
@@ -41,12 +38,7 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, running_server: Callable) -> Iterator[str]:
     d = tmp_path_factory.mktemp("webpage")
-    torch.manual_seed(0)
-    model = save_model(
-        d / "test3.safetensors",
-        create_model("fastcnn", num_classes=3).eval(),
-        ModelMeta(arch="fastcnn", classes=CLASSES, metrics={"accuracy": 0.5}),
-    )
+    model = "fer3"  # the bundled model runs from its ONNX sibling: no torch, no conversion at start
     with running_server(model, d / "server.log", max_upload_mb=2, access_log=False) as (base, _):
         yield base
 

@@ -129,6 +129,53 @@ def stage_shares(clip: Path) -> dict[str, float]:
     return tot
 
 
+def id_switches(d: Path) -> dict[str, Any]:
+    """ID switches on scripted clips, ByteTrack alone and with ferkit's re-identification. Each face is given to the
+    person whose scripted centre is nearest; a switch is a change of the ID a person carries (fragmentation or
+    swap); a swap is an ID carried by two people."""
+    from ferkit import Recognizer
+
+    happy, sad = load_face("happy", 0), load_face("sad", 0)
+
+    def lerp(p0, p1, secs):
+        return lambda t: tuple(a + (b - a) * min(max(t / secs, 0.0), 1.0) for a, b in zip(p0, p1))
+
+    clips = {
+        "cross (2 people swap sizes and cross, one hidden ~0.5 s)": (
+            [Actor(sad, lerp((520, 240, 170), (120, 240, 90), 4.0)), Actor(happy, lerp((120, 240, 90),
+                                                                                      (520, 240, 170), 4.0))], 4.0),
+        "gap (1 face away 1 s)": ([Actor(happy, lambda t: None if 1.0 <= t < 2.0 else (320, 240, 150))], 3.0),
+        "speed clip (1-3 faces moving)": (actors(args.seconds), args.seconds),
+    }
+    rec = Recognizer("fer3")
+    out = {}
+    for name, (cast, secs) in clips.items():
+        path = write_clip(d / "ids.mp4", cast, secs, FPS)
+        row = {}
+        for mode, reid in (("bytetrack", False), ("bytetrack+reid", True)):
+            carried: dict[int, list[int]] = {}
+            for res in rec.track(path, reid=reid):
+                where = [(k, a.path(res.time)) for k, a in enumerate(cast)]
+                where = [(k, p) for k, p in where if p is not None]
+                for f in res:
+                    if f.track is None or not where:
+                        continue
+                    cx, cy = f.box[0] + f.box[2] / 2, f.box[1] + f.box[3] / 2
+                    near = sorted(where, key=lambda kp: (kp[1][0] - cx) ** 2 + (kp[1][1] - cy) ** 2)
+                    if len(near) > 1 and abs(near[0][1][0] - near[1][1][0]) + abs(near[0][1][1] - near[1][1][1]) < 80:
+                        continue  # two people overlap here: which is which is what the tracker must carry through
+                    carried.setdefault(near[0][0], []).append(f.track)
+            switches = sum(sum(1 for a, b in zip(ids, ids[1:]) if a != b) for ids in carried.values())
+            owners: dict[int, set[int]] = {}
+            for k, ids in carried.items():
+                for i in ids:
+                    owners.setdefault(i, set()).add(k)
+            row[mode] = {"people": len(cast), "ids": len(owners), "id_switches": switches,
+                         "swapped_ids": sum(1 for v in owners.values() if len(v) > 1)}
+        out[name] = row
+    return out
+
+
 def rss_curve(clip: Path, out: Path) -> dict[str, Any]:
     """Run ``ferkit track`` on ``clip``; sample its RSS (MiB) each second."""
     cmd = [sys.executable, "-m", "ferkit", "track", str(clip), "--out", str(out), "--quiet"]
@@ -168,6 +215,7 @@ def main() -> None:
         track_fps, n, faces = timed_track(clip, args.rounds)
         predict_fps = timed_predict(clip, args.rounds)
         stages = stage_shares(clip)
+        ids = id_switches(d)
         total = sum(stages.values())
         long = None
         if args.long_minutes > 0:
@@ -186,6 +234,7 @@ def main() -> None:
         "predict_fps_untracked": round(predict_fps, 1),
         "stage_ms_per_frame": {k: round(1000 * v / max(n, 1), 2) for k, v in stages.items()},
         "stage_share": {k: round(v / total, 3) for k, v in stages.items()},
+        "id_switches": ids,
         "long_video": long,
     }
     (HERE / "video_speed.json").write_text(json.dumps(res, indent=2) + "\n")
@@ -194,6 +243,9 @@ def main() -> None:
     print(f"{'predict, untracked':<28} {res['predict_fps_untracked']:>8.1f}")
     for k in stages:
         print(f"  {k:<26} {res['stage_ms_per_frame'][k]:>8.2f} ms/frame  {res['stage_share'][k]:>6.1%}")
+    for name, row in ids.items():
+        print(f"{name:<60} " + "  ".join(f"{m}: {r['ids']} IDs for {r['people']}, {r['id_switches']} switches, "
+                                          f"{r['swapped_ids']} swapped" for m, r in row.items()))
     if long:
         print(f"{'RSS over ' + str(args.long_minutes) + ' min (MiB)':<28} first 10%: {long['rss_mib_first_10pct']}, "
               f"max: {long['rss_mib_max']}, last 10%: {long['rss_mib_last_10pct']} ({long['wall_s']} s)")

@@ -13,13 +13,20 @@ Roboflow's ``trackers`` (needs the GUI build ``opencv-python``, which clashes wi
 
 **Track IDs and re-identification.** IDs are 1, 2, … per video in order of appearance. The faces of the first
 frame get theirs at once; a face that appears later gets its ID on its second consecutive detection (a one-frame
-false detection never gets one; its face is reported with ``track=None``). A face that is not detected for up to :data:`LOST_SECONDS` keeps its ID if it reappears where its
-track's motion predicts (IoU ≥ 0.2 with the predicted box); after a longer gap, or far from there, it gets a new ID.
-When a face comes back somewhere its motion did not predict — typically after walking behind another person, whose
-box hid it — ByteTrack starts a new track; ferkit then gives it the ID of a track lost within :data:`LOST_SECONDS`
-whose colour histogram (hue × saturation of the face box) is close to it (Bhattacharyya distance ≤
-:data:`REID_MAX_DISTANCE`, and clearly closer than any other lost track). There is no face embedding: two people
-who look alike in colour and swap places while both are hidden can swap IDs.
+false detection never gets one; its face is reported with ``track=None``). The rule for a face that leaves and
+comes back:
+
+* missed for up to :data:`LOST_SECONDS` (2 s) and back where its track's motion predicts (IoU ≥ 0.2 with the
+  predicted box): same ID (ByteTrack's own matching);
+* missed for up to :data:`LOST_SECONDS` and back elsewhere — typically after walking behind another person, whose
+  box hid it and bent its track's motion: ByteTrack starts a new track, and ferkit gives it the ID of a track lost
+  within :data:`LOST_SECONDS` whose colour histogram (hue × saturation of the face box) is close (Bhattacharyya
+  distance ≤ :data:`REID_MAX_DISTANCE`, and clearly closer than any other lost track);
+* away longer than :data:`LOST_SECONDS`: a new ID.
+
+There is no face embedding: two people who look alike in colour and swap places while both are hidden can swap IDs.
+On the crossing test clip ByteTrack alone gave the hidden person a new ID after the cross (1 fragmentation, no swap);
+with the re-identification step, none (``benchmarks/video_speed.py`` measures both).
 
 **Smoothing.** An exponential moving average of each track's class probabilities with time constant
 :data:`SMOOTH_SECONDS`, using the frames' real timestamps: a frame ``dt`` seconds after the previous one of its track
@@ -94,15 +101,16 @@ class FaceTracker:
     Args:
         fps: the rate at which frames are passed to :meth:`update` (the video's fps divided by ``every``).
         lost_seconds: how long an undetected track keeps its ID (see the module docstring).
+        reid: give a new ByteTrack track the ID of a lost one that looks like it (off: ByteTrack's IDs as they are).
     """
 
-    def __init__(self, fps: float = _FALLBACK_FPS, *, lost_seconds: float = LOST_SECONDS) -> None:
+    def __init__(self, fps: float = _FALLBACK_FPS, *, lost_seconds: float = LOST_SECONDS, reid: bool = True) -> None:
         try:
             import supervision as sv
         except ImportError as e:  # pragma: no cover - a base dependency
             raise ImportError("tracking needs supervision: pip install 'supervision>=0.30,<0.31'") from e
         self._sv = sv
-        self.lost_seconds = lost_seconds
+        self.lost_seconds, self.reid = lost_seconds, reid
         self._ids: dict[int, int] = {}  # ByteTrack's ID → ours (several of its tracks may be one of ours)
         self._last: dict[int, float] = {}  # our ID → time last seen
         self._hist: dict[int, np.ndarray] = {}  # our ID → running colour histogram
@@ -145,6 +153,9 @@ class FaceTracker:
         """Our ID for a new ByteTrack track: a recently lost track's that looks like it, else a fresh one."""
         import cv2
 
+        if not self.reid:
+            self._next += 1
+            return self._next - 1
         dists = sorted((cv2.compareHist(self._hist[k], hist, cv2.HISTCMP_BHATTACHARYYA), k)
                        for k, seen in self._last.items() if k not in present and t - seen <= self.lost_seconds)
         if dists and dists[0][0] <= REID_MAX_DISTANCE and (len(dists) == 1 or dists[1][0] - dists[0][0] >= REID_MARGIN):
@@ -212,13 +223,13 @@ def _detect_ahead(rec: Recognizer, units: Iterable[Unit]) -> Iterator[tuple[Unit
 
 
 def track_units(rec: Recognizer, units: Iterable[Unit], *, fps: float, every: int = 1,
-                tau: float = SMOOTH_SECONDS, lost_seconds: float = LOST_SECONDS,
+                tau: float = SMOOTH_SECONDS, lost_seconds: float = LOST_SECONDS, reid: bool = True,
                 keep_images: bool = False) -> Iterator[tuple[Unit, Results]]:
     """Detect, track, classify and smooth the frames of one video, in order: ``(unit, results)`` per frame.
 
     Units carrying an error are passed through with empty results (the caller reports them).
     """
-    tracker = FaceTracker(fps / every if fps > 0 else 0.0, lost_seconds=lost_seconds)
+    tracker = FaceTracker(fps / every if fps > 0 else 0.0, lost_seconds=lost_seconds, reid=reid)
     smoother = ScoreSmoother(tau)
     dt = every / (fps if fps > 0 else _FALLBACK_FPS)
     for u, dets in _detect_ahead(rec, units):

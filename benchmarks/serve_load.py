@@ -5,7 +5,9 @@ Starts the server as a real process (``--workers 2``, API keys on), waits for /r
 
 1. a load phase per client count (default 8 and 32): requests/s, latency p50/p95/p99, errors by status, and the
    peak RSS of all server processes during the phase (the kernel's high-water mark, reset before each phase);
-2. a fault phase (30 s): 8 clients while one worker is killed with SIGKILL a quarter of the way in. Reported: requests
+2. many-pixel uploads, all at once: 32 small PNGs that decode to 64 MP (refused by --max-pixels before decoding)
+   and 8 that decode to 24 MP (accepted): statuses and peak RSS;
+3. a fault phase (30 s): 8 clients while one worker is killed with SIGKILL a quarter of the way in. Reported: requests
    answered per second before, around and after the kill, the errors (requests in flight on the killed worker lose
    their connection), the longest request (nothing may hang: every request ends in an answer or an error), when
    the replacement worker came up, and that both workers serve afterwards.
@@ -246,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for the server (0: leave unset)")
     ap.add_argument("--no-keys", action="store_true", help="run the server without API keys")
     ap.add_argument("--no-fault", action="store_true", help="skip the kill-a-worker phase")
+    ap.add_argument("--no-large", action="store_true", help="skip the many-pixel uploads phase")
     ap.add_argument("--fault-clients", type=int, default=8, help="clients during the fault phase")
     ap.add_argument("--fault-duration", type=float, default=30.0,
                     help="seconds of the fault phase (the worker is killed after a quarter of it)")
@@ -268,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     load0 = os.getloadavg()[0]
     proc = start_server(args.model, port, args.backend, args.max_concurrency, log_path, args.threads or None,
                         args.workers, keys)
-    phases, fault = [], None
+    phases, fault, large = [], None, []
     try:
         wait_ready(base, proc, log_path)
         info = httpx.get(base + "/v1/models", headers=headers).json()
@@ -289,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             res["load_average_1min"] = os.getloadavg()[0]
             res.pop("events")
             phases.append(res)
+        large = [] if args.no_large else run_large(base, proc, headers)
         if not args.no_fault:
             fault = run_fault(base, proc, photo, args, headers, log_path)
         healthy = httpx.get(base + "/readyz", timeout=5).status_code == 200
@@ -321,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
                     "load_average_1min_before": load0},
         "idle_rss_mb": idle_rss,
         "phases": phases,
+        "large_uploads": large,
         "fault": fault,
         "healthy_after": healthy,
         "server_log_tracebacks": log_text.count("Traceback"),
@@ -339,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
         err = ", ".join(f"{k}: {v}" for k, v in p["errors"].items()) or "none"
         print(f"{p['clients']:>7} {p['requests_per_s']:>7.1f} {lat['p50']:>7.0f} {lat['p95']:>7.0f} {lat['p99']:>7.0f} "
               f"{p['ok']:>6}  {err:<18} {p['peak_rss_mb'] or 0:>5.0f} MiB {p['load_average_1min']:>5.1f}")
+    for g in large:
+        print(f"{g['uploads']} uploads at once of a {g['upload_bytes'] / 1000:.0f} kB PNG decoding to "
+              f"{g['pixels'] / 1e6:.0f} MP: {g['status']} in {g['seconds']:.1f} s, peak RSS {g['peak_rss_mb']:.0f} MiB")
     if fault:
         print()
         rows = [
@@ -360,6 +368,55 @@ def main(argv: list[str] | None = None) -> int:
     print(f"written {args.out}")
     tmp.cleanup()
     return 0
+
+
+def png_of_pixels(w: int, h: int) -> bytes:
+    """A valid 1-bit black PNG of w×h pixels: a few kB to upload, w·h pixels when decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    comp = zlib.compressobj(9)
+    row = b"\0" * (1 + (w + 7) // 8)
+    idat = b"".join(comp.compress(row) for _ in range(h)) + comp.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+async def _all_at_once(url: str, body: bytes, headers: dict[str, str], n: int) -> list[tuple[str, float]]:
+    """``n`` concurrent posts of ``body``: (outcome, seconds) each."""
+
+    async def one(c: httpx.AsyncClient) -> tuple[str, float]:
+        t0 = time.perf_counter()
+        try:
+            r = await c.post(url, content=body, headers=headers)
+            return str(r.status_code), time.perf_counter() - t0
+        except httpx.HTTPError as e:
+            return type(e).__name__, time.perf_counter() - t0
+
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=n)) as c:
+        return await asyncio.gather(*(one(c) for _ in range(n)))
+
+
+def run_large(base: str, proc: subprocess.Popen, headers: dict[str, str]) -> list[dict]:
+    """Small uploads that decode to many pixels, all at once: 32 of 64 MP (over --max-pixels: refused before
+    decoding) and 8 of 24 MP (under it: decoded and searched for faces). Peak RSS of the server's processes."""
+    out = []
+    for n, (w, h) in ((32, (8000, 8000)), (8, (6000, 4000))):
+        body = png_of_pixels(w, h)
+        reset_peak_rss(proc.pid)
+
+        t0 = time.perf_counter()
+        res = asyncio.run(_all_at_once(base + "/v1/predict", body, {**headers, "Content-Type": "image/png"}, n))
+        status: dict[str, int] = {}
+        for s, _ in res:
+            status[s] = status.get(s, 0) + 1
+        out.append({"uploads": n, "pixels": w * h, "upload_bytes": len(body), "status": status,
+                    "seconds": time.perf_counter() - t0, "slowest_s": max(d for _, d in res),
+                    "peak_rss_mb": memory_mb(proc.pid, "VmHWM")})
+    return out
 
 
 def run_fault(base: str, proc: subprocess.Popen, photo: bytes, args: argparse.Namespace,

@@ -339,3 +339,12 @@ def test_rate_limit_is_shared_by_worker_processes(tmp_path: Path) -> None:
 
     time.sleep(waits[3] + 0.05)
     assert a.take("key:x") == 0
+
+
+@pytest.mark.parametrize(("host", "keys", "warned"), [("0.0.0.0", None, True), ("0.0.0.0", "/k", False),
+                                                       ("127.0.0.1", None, False), ("::1", None, False)])
+def test_reachable_without_keys_is_warned(host: str, keys: str | None, warned: bool) -> None:
+    from ferkit.serve.app import startup_warnings
+
+    found = [w for w in startup_warnings(ServeSettings(host=host, api_keys=keys)) if "without API keys" in w]
+    assert bool(found) == warned

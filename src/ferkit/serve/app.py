@@ -268,6 +268,17 @@ def _fresh_state_dir(s: ServeSettings) -> tuple[str, bool]:
     return tempfile.mkdtemp(prefix="ferkit-serve-"), True
 
 
+def startup_warnings(s: ServeSettings) -> list[str]:
+    """What an operator should hear about these settings before the server starts."""
+    out = []
+    if not s.loopback and not s.api_keys:
+        out.append(f"serving on {s.host}: reachable from other machines, and without API keys anyone can use it "
+                   "(--api-keys FILE)")
+    if "*" in s.cors_origins and s.api_keys:
+        out.append("--cors-origins '*' lets any web page call this server with a key its user holds")
+    return out
+
+
 def serve(settings: ServeSettings | None = None, **options: Any) -> None:
     """Run the server with uvicorn until interrupted (``workers`` > 1 starts that many processes, and replaces one
     that dies).
@@ -295,9 +306,8 @@ def serve(settings: ServeSettings | None = None, **options: Any) -> None:
     # One thread per operator: a server gets its parallelism from concurrent requests, and per-request thread pools
     # competing for the same cores cost more than they give (benchmarks/serve_load.py: 48 vs 39 req/s on 2 cores).
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    if not s.loopback and not s.api_keys:
-        log.warning("serving on %s: reachable from other machines, and without API keys anyone can use it "
-                    "(--api-keys FILE)", s.host)
+    for w in startup_warnings(s):
+        log.warning("%s", w)
     state_dir, created = _fresh_state_dir(s)
     s = s.replace(state_dir=state_dir)
     os.environ.update(s.to_env())

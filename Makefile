@@ -43,10 +43,11 @@ IMAGE ?= ferkit:latest
 BASE_IMAGE ?= python:3.11-slim
 CONTAINER ?= podman --runtime runc
 # PIP_CA: a CA bundle for pip inside the build (a TLS-inspecting proxy), passed as a build secret, not stored.
+# podman builds OCI images unless told otherwise, and OCI has no HEALTHCHECK: hence --format docker.
 PIP_CA ?=
 comma := ,
 image:
-	$(CONTAINER) build --format docker --build-arg BASE=$(BASE_IMAGE) \
+	$(CONTAINER) build $(if $(findstring podman,$(CONTAINER)),--format docker) --build-arg BASE=$(BASE_IMAGE) \
 	  $(if $(PIP_CA),--secret id=pip-ca$(comma)src=$(PIP_CA)) -t $(IMAGE) -f Containerfile .
 
 # Builds the image on a Debian bookworm base made with debootstrap (no registry needed), runs it, sends a real photo.

@@ -155,3 +155,32 @@ def test_unusable_files_raise_model_file_error(bad_files: dict[str, Path], tmp_p
     with pytest.raises(ModelFileError, match=message) as info:
         load_model(path)
     assert str(info.value).startswith(str(path)) and "\n" not in str(info.value)
+
+
+def test_digest_and_onnx_sibling(saved: tuple[Path, torch.nn.Module], tmp_path: Path) -> None:
+    """The digest covers weights and metadata (a recalibrated or re-bundled file is a new file); the sibling is the
+    .onnx beside a .safetensors file, and only that."""
+    import dataclasses
+    import hashlib
+
+    from ferkit.modelfile import file_digest, onnx_sibling
+
+    path, net = saved
+    assert file_digest(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    other = save_model(tmp_path / "other.safetensors", net, dataclasses.replace(META, name="renamed"))
+    assert file_digest(other) != file_digest(path)  # same weights, other metadata
+    assert onnx_sibling(path) is None
+    path.with_suffix(".onnx").write_bytes(b"x")
+    assert onnx_sibling(path) == path.with_suffix(".onnx") and onnx_sibling(path.with_suffix(".onnx")) is None
+    with pytest.raises(ModelFileError, match="cannot read the model file"):
+        file_digest(tmp_path / "missing.safetensors")
+
+
+def test_load_model_with_known_meta_skips_the_header(saved: tuple[Path, torch.nn.Module],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from ferkit import modelfile
+
+    path, _ = saved
+    monkeypatch.setattr(modelfile, "read_meta", lambda *a: pytest.fail("read the header again"))
+    net, meta = load_model(path, meta=META)
+    assert meta is META and not net.training

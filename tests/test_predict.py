@@ -136,7 +136,7 @@ def test_json_is_one_array(model: str, photos: Path) -> None:
     for el in data:
         assert set(el) == {"file", "faces"} and len(el["faces"]) == 1
         face = el["faces"][0]
-        assert set(face) == {"box", "label", "score", "scores"}
+        assert set(face) == {"box", "label", "score", "scores", "det_score"} and 0.6 <= face["det_score"] <= 1
         assert len(face["box"]) == 4 and all(isinstance(v, int) for v in face["box"])
         assert face["label"] in CLASSES and list(face["scores"]) == list(CLASSES)
         assert face["score"] == max(face["scores"].values())
@@ -153,7 +153,7 @@ def test_jsonl_csv_and_table_carry_the_same_results(model: str, photos: Path) ->
     rc, out, _ = predict([photos], model, fmt="csv")
     rows = list(csv.DictReader(io.StringIO(out)))
     assert rc == 0
-    assert list(rows[0]) == ["file", "frame", "time", "x", "y", "w", "h", "label", "score", *CLASSES]
+    assert list(rows[0]) == ["file", "frame", "time", "x", "y", "w", "h", "label", "score", "det_score", *CLASSES]
     assert [r["file"] for r in rows] == [e["file"] for e in ref]
     for r, e in zip(rows, ref):
         f = e["faces"][0]
@@ -333,10 +333,10 @@ def test_huge_image_is_refused_quickly(model: str, odd_files: dict[str, Path]) -
     lambda d: (d / "notes.safetensors").write_text("hello") and d / "notes.safetensors",
     lambda d: (d / "photo.onnx").write_bytes((WILD / FACES[0]).read_bytes()) and d / "photo.onnx",
 ], ids=["missing", "not-safetensors", "not-onnx"])
-def test_bad_model_is_one_line_and_exit_1(photos: Path, tmp_path: Path, make, one_line_error) -> None:
+def test_bad_model_is_one_line_and_exit_2(photos: Path, tmp_path: Path, make, one_line_error) -> None:
     path = make(tmp_path)
     rc, out, err = predict([photos / "a_happy.jpg"], str(path), fmt="json")
-    assert rc == 1 and out == ""
+    assert rc == 2 and out == ""  # refused before any work (ferkit --help: exit status)
     assert str(path) in one_line_error(err)
 
 
@@ -344,7 +344,7 @@ def test_bad_options(model: str, photos: Path, one_line_error) -> None:
     for kw, why in [({"every": 0}, "--every"), ({"batch_size": 0}, "--batch-size"), ({"fmt": "xml"}, "format"),
                     ({"detector": "yunett"}, "yunet")]:
         rc, out, err = predict([photos], model, **kw)
-        assert rc == 1 and out == "" and why in one_line_error(err)
+        assert rc == 2 and out == "" and why in one_line_error(err)
 
 
 def test_cli_entry_point(model: str, photos: Path, capsys: pytest.CaptureFixture) -> None:

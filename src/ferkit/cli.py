@@ -111,8 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--model", default="fer3")
     pr.add_argument("--format", default="table", choices=["table", "json", "jsonl", "csv"])
     pr.add_argument("--save-annotated", metavar="DIR")
-    pr.add_argument("--no-detect", action="store_true", help="classify each whole image as one face")
+    pr.add_argument("--no-detect", action="store_true",
+                    help="classify each whole image as one face (the only mode that reports a face without a detection)")
     pr.add_argument("--detector", default="yunet")
+    pr.add_argument("--min-det-score", type=float, default=None, metavar="S",
+                    help="drop faces whose detector confidence (det_score) is below S (0..1; YuNet keeps >= 0.6)")
+    pr.add_argument("--detect-size", type=int, default=None, metavar="PX",
+                    help="longest side of the image the face detector sees (default: 400 for ordinary photos, up to "
+                         "1600 for large ones; larger finds smaller faces, slower)")
     pr.add_argument("--every", type=int, default=1, help="video: every Nth frame")
     pr.add_argument("--batch-size", type=int, default=64)
     pr.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"])
@@ -287,6 +293,8 @@ def cmd_predict(a: argparse.Namespace) -> int:
         backend=a.backend,
         track=a.track,
         quiet=a.quiet,
+        min_det_score=a.min_det_score,
+        detect_size=a.detect_size,
         min_score=a.min_score,
     )
 

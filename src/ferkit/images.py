@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import warnings
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Union
 
 import numpy as np
@@ -13,11 +15,18 @@ from PIL import Image, ImageOps
 
 from ferkit.errors import ImageError, ImageTooLargeError
 
+log = logging.getLogger(__name__)
+
 #: Images above this many pixels are refused before decoding (a 30000×30000 JPEG would need 2.7 GB as RGB).
 MAX_PIXELS = int(os.environ.get("FERKIT_MAX_PIXELS", str(64_000_000)))
-IMAGE_SUFFIXES = frozenset(
-    {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm"}
-)
+#: Every still-image format ferkit reads, in folders as when named (each is one Pillow reads without plugins;
+#: ``tests/test_trust.py`` checks that against ``Image.registered_extensions()``).
+IMAGE_SUFFIXES = frozenset({
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".bmp", ".dib", ".gif", ".tif", ".tiff", ".webp", ".avif",
+    ".avifs", ".jp2", ".j2k", ".jpx", ".jpf", ".pgm", ".ppm", ".pbm", ".pnm", ".tga", ".qoi", ".pcx", ".sgi",
+})
+#: Formats that may hold several frames (animations, multi-page TIFFs): ``ferkit predict`` reads every frame.
+MULTI_FRAME_SUFFIXES = frozenset({".gif", ".tif", ".tiff", ".webp", ".png", ".apng", ".avif", ".avifs"})
 
 ImageInput = Union[str, os.PathLike, bytes, bytearray, np.ndarray, Image.Image]
 
@@ -33,13 +42,20 @@ def _open(source: str | os.PathLike | bytes | bytearray, name: str, max_pixels: 
         fp: object = io.BytesIO(source)
     else:
         p = Path(source)
-        if not p.exists():
-            raise ImageError(f"{name}: no such file")
-        if p.is_dir():
-            raise ImageError(f"{name}: is a folder, not an image")
-        if p.stat().st_size == 0:
-            raise ImageError(f"{name}: empty file (0 bytes)")
-        fp = p
+        try:
+            if not p.exists():
+                raise ImageError(f"{name}: no such file")
+            if p.is_dir():
+                raise ImageError(f"{name}: is a folder, not an image")
+            if p.stat().st_size == 0:
+                raise ImageError(f"{name}: empty file (0 bytes)")
+            with p.open("rb"):  # tried here so that a permission problem is named as such, not as a bad image
+                pass
+            fp = p  # Pillow opens it again and closes it after decoding
+        except PermissionError:
+            raise ImageError(f"{name}: permission denied") from None
+        except OSError as e:
+            raise ImageError(f"{name}: cannot read the file ({(e.strerror or str(e)).lower()})") from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -111,7 +127,10 @@ def load_image(source: ImageInput, *, name: str | None = None, max_pixels: int =
     else:
         raise ImageError(f"{name or type(source).__name__}: unsupported input type {type(source).__name__}")
     im = _open(source, label, max_pixels)
-    if getattr(im, "n_frames", 1) > 1:
+    n = frame_count(im)
+    if n > 1:
+        # The API returns one array; `ferkit predict` reads every frame (see iter_frames).
+        log.warning("%s: %d frames (animation or multi-page file); only the first was read", label, n)
         im.seek(0)
     try:
         arr = np.asarray(to_rgb_or_gray(im, label))
@@ -122,9 +141,45 @@ def load_image(source: ImageInput, *, name: str | None = None, max_pixels: int =
     return np.ascontiguousarray(arr)
 
 
+def frame_count(im: Image.Image) -> int:
+    """Frames in an opened image (1 for stills; a damaged animation counts what can be found)."""
+    try:
+        return int(getattr(im, "n_frames", 1) or 1)
+    except Exception:  # n_frames seeks through the file; a truncated animation may fail part-way
+        return 1
+
+
+def iter_frames(path: str | os.PathLike, *, name: str | None = None,
+                max_pixels: int = MAX_PIXELS) -> Iterator[tuple[int, np.ndarray]]:
+    """``(index, frame)`` for every frame of an animated GIF/WebP/PNG or multi-page TIFF (one for stills), each
+    converted like :func:`load_image`; frames are decoded one at a time.
+
+    Raises:
+        ImageError: the file cannot be read (a frame that fails to decode ends the iteration with this error).
+    """
+    label = name or str(path)
+    im = _open(path, label, max_pixels)
+    n = frame_count(im)
+    for i in range(n):
+        try:
+            im.seek(i)
+            arr = np.asarray(to_rgb_or_gray(im.copy() if n > 1 else im, label))
+        except EOFError:
+            return
+        except Exception as e:
+            raise ImageError(f"{label}: frame {i} of {n} cannot be decoded ({e})") from None
+        yield i, np.ascontiguousarray(arr)
+
+
 def _from_array(a: np.ndarray, name: str) -> np.ndarray:
     if a.size == 0:
         raise ImageError(f"{name}: empty array")
+    if a.dtype == bool:
+        a = a.astype(np.uint8) * 255
+    elif a.dtype.kind not in "uif":
+        raise ImageError(f"{name}: expected a numeric array, got dtype {a.dtype}")
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        raise ImageError(f"{name}: the array holds NaN or infinite values")
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[:, :, 0]
     if a.ndim == 3 and a.shape[2] == 4:
@@ -135,9 +190,15 @@ def _from_array(a: np.ndarray, name: str) -> np.ndarray:
         raise ImageError(f"{name}: expected an H×W or H×W×3 array, got shape {tuple(a.shape)}")
     if a.dtype != np.uint8:
         af = a.astype(np.float32)
-        if af.max() <= 1.0 and af.min() >= 0.0 and a.dtype.kind == "f":
-            af = af * 255.0
-        a = af.clip(0, 255).astype(np.uint8)
+        if a.dtype.kind == "f":  # floats: 0..1 is scaled to 0..255, anything else taken as 0..255
+            if af.max() <= 1.0 and af.min() >= 0.0:
+                af = af * 255.0
+        elif a.dtype == np.uint16:  # 65535 → 255, exactly as a 16-bit PNG/TIFF is read (to_rgb_or_gray)
+            af = af * (255.0 / 65535.0)
+        elif a.dtype.itemsize >= 2 and af.max() > 255:
+            # wider integers as 32-bit files: taken as 0..255 when they fit, else 16-bit, else scaled by their maximum
+            af = af * (255.0 / 65535.0 if af.max() <= 65535 else 255.0 / float(af.max()))
+        a = np.rint(af).clip(0, 255).astype(np.uint8)
     return np.ascontiguousarray(a)
 
 

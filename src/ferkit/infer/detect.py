@@ -146,6 +146,8 @@ class Detector:
     #: Automatic working size = this share of the longest side, between ``max_side`` and ``large_side``.
     large_fraction: ClassVar[float] = 0.4
     default_retry_pad: ClassVar[float] = 0.1
+    #: Faces at least this many pixels wide in the base look are taken from it alone (see ``detect``).
+    small_face: ClassVar[int] = 48
     #: True when ``_detect_raw`` may run in several threads at once on one instance (no shared mutable state).
     thread_safe: ClassVar[bool] = False
     #: The constant grey of the padding border: a neutral value that is neither skin nor a strong edge.
@@ -219,21 +221,31 @@ class Detector:
         """
         rgb = _as_rgb(image)
         height, width = rgb.shape[:2]
+        longest = max(height, width)
         side = self.working_side(width, height)
-        scale = side / max(height, width)
-        work = rgb if scale == 1.0 else _resize(rgb, max(1, round(width * scale)), max(1, round(height * scale)))
-        faces = self._look(work, width, height, self.pad)
+        base_side = max(min(longest, self.max_side), self.min_side)
+        base = self._scaled(rgb, base_side)
+        faces = self._look(base, width, height, self.pad)
+        if side > base_side * 1.25:
+            # A large photo: one more look at the higher resolution for the faces too small for the base look.
+            # Large faces come from the base look only: at high resolution they outgrow the detector's anchors and
+            # come back as partial boxes with low scores (wild-dev portraits of 2000+ px).
+            small = self.small_face * longest / base_side  # in input pixels
+            faces += [d for d in self._look(self._scaled(rgb, side), width, height, self.pad) if max(d.w, d.h) < small]
         if not faces and self.retry_pad > self.pad:
-            if max(work.shape[:2]) > self.max_side:  # a face filling a large frame is found at the base size
-                k = self.max_side / max(work.shape[:2])
-                work = _resize(work, max(1, round(work.shape[1] * k)), max(1, round(work.shape[0] * k)))
-            faces = self._look(work, width, height, self.retry_pad)
+            faces = self._look(base, width, height, self.retry_pad)
             if faces:
                 log.debug("%s: found %d face(s) in a %dx%d image only with a border", self.name, len(faces), width,
                           height)
         faces = _suppress_overlaps(faces, self.overlap)
         faces.sort(key=lambda d: (-d.area, -d.det_score))
         return faces
+
+    @staticmethod
+    def _scaled(rgb: np.ndarray, side: int) -> np.ndarray:
+        h, w = rgb.shape[:2]
+        k = side / max(h, w)
+        return rgb if k == 1.0 else _resize(rgb, max(1, round(w * k)), max(1, round(h * k)))
 
     def _look(self, work: np.ndarray, width: int, height: int, pad: float) -> list[Detection]:
         """Detect on the working image with a ``pad`` border (the canvas rescaled to keep its longest side) or on
@@ -263,11 +275,10 @@ class Detector:
         return out
 
     def _tiled(self, work: np.ndarray) -> list[tuple[float, float, float, float, float]]:
-        """Boxes on overlapping ``tile``-sized windows of a large working image, plus one look at the whole image
-        scaled to ``max_side`` (for faces too large to fit a window's overlap).
+        """Boxes on overlapping ``tile``-sized windows of a large working image.
 
-        A box touching a window's inner edge is dropped: the overlap (a quarter of a window) holds any face small
-        enough to be missed by the whole-image look whole in a neighbouring window.
+        A box touching a window's inner edge is dropped: the overlap (a quarter of a window) holds whole, in a
+        neighbouring window, any face small enough to be missed by the base look (see ``detect``).
         """
         sh, sw = work.shape[:2]
         t = self.tile
@@ -286,9 +297,7 @@ class Detector:
                     keep.append((bx + x, by + y, bw, bh, s))
             return keep
 
-        k = self.max_side / max(sh, sw)
-        small = _resize(work, max(1, round(sw * k)), max(1, round(sh * k)))
-        boxes = [(x / k, y / k, w / k, h / k, s) for x, y, w, h, s in self._run(small)]
+        boxes: list[tuple[float, float, float, float, float]] = []
         if self.thread_safe and len(jobs) > 1:
             from concurrent.futures import ThreadPoolExecutor
 

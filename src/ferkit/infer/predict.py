@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, TextIO
 
-from ferkit.errors import FerkitError
-from ferkit.infer.sinks import FORMATS, Writer, save_annotated_image
+from ferkit.errors import FerkitError, OutputError
+from ferkit.infer.sinks import FORMATS, Writer, plan_annotated, save_annotated_image
 from ferkit.infer.sources import (VIDEO_SUFFIXES, Unit, batches, expand_inputs, is_video, progress_enabled, read_units,
                                   read_video, video_fps)
 
@@ -34,7 +35,8 @@ __all__ = ["FORMATS", "VIDEO_SUFFIXES", "run_predict", "run_track"]
 def run_predict(inputs: list[str], *, model: str = "fer3", fmt: str = "table", save_annotated: str | None = None,
                 no_detect: bool = False, detector: str = "yunet", every: int = 1, batch_size: int = 64,
                 backend: str = "auto", track: bool = False, quiet: bool = False, out: TextIO | None = None,
-                err: TextIO | None = None, min_score: float | None = None) -> int:
+                err: TextIO | None = None, min_det_score: float | None = None, detect_size: int | None = None,
+                min_score: float | None = None) -> int:
     """Recognise expressions in images, folders (recursively) and videos and print the results.
 
     Args:
@@ -50,6 +52,8 @@ def run_predict(inputs: list[str], *, model: str = "fer3", fmt: str = "table", s
         backend: ``auto``, ``onnx`` or ``torch``.
         track: give the faces of videos track IDs and smoothed scores (see :mod:`ferkit.infer.track`).
         quiet: no progress bar (there is none anyway when stderr is not a terminal).
+        min_det_score: drop faces whose detector confidence is below this.
+        detect_size: the face detector's working size (None: chosen per image).
         min_score: label faces whose top calibrated score is below this ``"uncertain"`` (scores kept).
         out: where results go (default stdout); err: where errors go (default stderr).
 
@@ -58,30 +62,36 @@ def run_predict(inputs: list[str], *, model: str = "fer3", fmt: str = "table", s
     """
     out = out if out is not None else sys.stdout
     err = err if err is not None else sys.stderr
+    fail = _error_printer(err)
 
-    def fail(message: str) -> int:
-        err.write(f"ferkit: error: {message}\n")
-        err.flush()
-        return 1
-
+    # Exit 2 (refused before any work: see ferkit.cli.EXIT_CODES) for bad options, model and output folder.
     if fmt not in FORMATS:
-        return fail(f"unknown format '{fmt}' (choose from {', '.join(FORMATS)})")
+        return fail(f"unknown format '{fmt}' (choose from {', '.join(FORMATS)})", 2)
     if every < 1:
-        return fail(f"--every must be at least 1, got {every}")
+        return fail(f"--every must be at least 1, got {every}", 2)
     if batch_size < 1:
-        return fail(f"--batch-size must be at least 1, got {batch_size}")
+        return fail(f"--batch-size must be at least 1, got {batch_size}", 2)
     if not inputs:
-        return fail("no inputs given (image files, folders or videos)")
+        return fail("no inputs given (image files, folders or videos)", 2)
 
     from ferkit.infer.recognizer import Recognizer
 
     try:
-        rec = Recognizer(model, backend=backend, detector="whole" if no_detect else detector, min_score=min_score)
-    except (FerkitError, ValueError, ImportError) as e:
+        rec = Recognizer(model, backend=backend, detector="whole" if no_detect else detector, min_score=min_score,
+                         min_det_score=min_det_score, detect_size=detect_size)
+    except FerkitError as e:
+        return fail(str(e), e.exit_code)
+    except ImportError as e:
         return fail(str(e))
 
     out_dir = Path(save_annotated) if save_annotated else None
     jobs = list(expand_inputs(inputs))  # listing folders up front lets the table size its file column
+    if out_dir is not None:
+        try:
+            jobs = plan_annotated(jobs, out_dir)  # mirrored, collision-free names that never replace an input
+        except OutputError as e:
+            return fail(str(e), e.exit_code)
+    saved = 0
     writer = Writer(fmt, out, rec.classes, [j[0] for j in jobs])
     status = 0
     try:
@@ -96,13 +106,28 @@ def run_predict(inputs: list[str], *, model: str = "fer3", fmt: str = "table", s
                 if out_dir is not None:
                     try:
                         save_annotated_image(r.plot(), u, out_dir)
+                        saved += 1
                     except OSError as e:
-                        status = fail(f"{out_dir}: cannot write the annotated copy of {u.file} ({e})")
+                        status = fail(f"{out_dir}: cannot write the annotated copy of {u.file} "
+                                      f"({e.strerror.lower() if e.strerror else e})")
             writer.element(el)
             u.image = r.image = None  # release the pixels as soon as the element is out
     finally:
         writer.close()
+    if out_dir is not None and saved:
+        err.write(f"ferkit: {saved} annotated image(s) written under {out_dir}{os.sep}\n")
     return status
+
+
+def _error_printer(err: TextIO) -> Callable[..., int]:
+    """``fail(message, code=1)``: print ``ferkit: error: message`` on ``err`` and return ``code``."""
+
+    def fail(message: str, code: int = 1) -> int:
+        err.write(f"ferkit: error: {message}\n")
+        err.flush()
+        return code
+
+    return fail
 
 
 def _recognise(rec: Recognizer, jobs: list[tuple[str, Path, str | None]], *, every: int, batch_size: int,
@@ -149,7 +174,7 @@ def run_track(inputs: list[str], *, out_dir: str = ".", model: str = "fer3", eve
     Returns:
         The exit status: 0, or 1 if any input (or the model) could not be used.
     """
-    from ferkit.errors import OutputError, VideoError
+    from ferkit.errors import VideoError
     from ferkit.infer.recognizer import Recognizer
     from ferkit.infer.report import VideoReport
     from ferkit.infer.results import draw_faces
@@ -159,27 +184,26 @@ def run_track(inputs: list[str], *, out_dir: str = ".", model: str = "fer3", eve
 
     out = out if out is not None else sys.stdout
     err = err if err is not None else sys.stderr
+    fail = _error_printer(err)
 
-    def fail(message: str) -> int:
-        err.write(f"ferkit: error: {message}\n")
-        err.flush()
-        return 1
-
+    # Exit 2 (refused before any work: see ferkit.cli.EXIT_CODES) for bad options, model and output folder.
     tau = SMOOTH_SECONDS if smooth is None else smooth
     if every < 1:
-        return fail(f"--every must be at least 1, got {every}")
+        return fail(f"--every must be at least 1, got {every}", 2)
     if tau < 0:
-        return fail(f"--smooth must be at least 0 seconds, got {tau}")
+        return fail(f"--smooth must be at least 0 seconds, got {tau}", 2)
     if not inputs:
-        return fail("no inputs given (videos or folders of frames)")
+        return fail("no inputs given (videos or folders of frames)", 2)
     dest = Path(out_dir)
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        return fail(f"{out_dir}: cannot create the output folder ({e.strerror or e})")
+        return fail(f"{out_dir}: cannot create the output folder ({e.strerror or e})", 2)
     try:
         rec = Recognizer(model, backend=backend, detector=detector)
-    except (FerkitError, ImportError) as e:
+    except FerkitError as e:
+        return fail(str(e), e.exit_code)
+    except ImportError as e:
         return fail(str(e))
 
     given = {Path(i).resolve() for i in inputs}

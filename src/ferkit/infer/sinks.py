@@ -28,7 +28,7 @@ class Writer:
         self.n = 0
         if fmt == "csv":
             self.csv = csv.writer(out, lineterminator="\n")
-            self.csv.writerow(["file", "frame", "time", "x", "y", "w", "h", "label", "score", *classes])
+            self.csv.writerow(["file", "frame", "time", "x", "y", "w", "h", "label", "score", "det_score", *classes])
         elif fmt == "json":
             out.write("[")
         elif fmt == "table":
@@ -36,7 +36,8 @@ class Writer:
             self.fw = min(max([len(s) for s in files] + [4]) + 1, 100)
             self.cw = max(7, *(len(c) + 1 for c in classes))
             out.write(f"{'file':<{self.fw}} {'frame':>6} {'time':>8} {'face':>4}  {'box (x,y,w,h)':<21} "
-                      f"{'label':<{self.cw}} {'score':>6}" + "".join(f"{c:>{self.cw}}" for c in classes) + "\n")
+                      f"{'label':<{self.cw}} {'score':>6} {'det':>5}" + "".join(f"{c:>{self.cw}}" for c in classes)
+                      + "\n")
 
     def element(self, el: dict[str, Any]) -> None:
         if self.fmt == "json":
@@ -46,7 +47,7 @@ class Writer:
         elif self.fmt == "csv":
             for f in el.get("faces", ()):
                 self.csv.writerow([el["file"], el.get("frame", ""), "" if el.get("time") is None else el["time"],
-                                   *f["box"], f["label"], f"{f['score']:.4f}",
+                                   *f["box"], f["label"], f"{f['score']:.4f}", _det(f, "{:.4f}", ""),
                                    *(f"{f['scores'][c]:.4f}" for c in self.classes)])
         else:
             self._table_rows(el)
@@ -63,7 +64,8 @@ class Writer:
             self.out.write(f"{lead} {'-':>4}  no face\n")
         for k, f in enumerate(el.get("faces", ()), 1):
             box = ",".join(str(v) for v in f["box"])
-            self.out.write(f"{lead} {k:>4}  {box:<21} {f['label']:<{self.cw}} {f['score']:>6.3f}"
+            self.out.write(f"{lead} {k:>4}  {box:<21} {f['label']:<{self.cw}} {f['score']:>6.3f} "
+                           f"{_det(f, '{:.2f}', '-'):>5}"
                            + "".join(f"{f['scores'][c]:>{self.cw}.3f}" for c in self.classes) + "\n")
 
     def close(self) -> None:
@@ -72,8 +74,69 @@ class Writer:
         self.out.flush()
 
 
-def save_annotated_image(plot: np.ndarray, unit: Unit, out_dir: Path) -> None:
+def _det(face: dict[str, Any], fmt: str, missing: str) -> str:
+    """A face's detector confidence as text (``missing`` for --no-detect faces, which have none)."""
+    return missing if face.get("det_score") is None else fmt.format(face["det_score"])
+
+
+#: Suffixes of the annotated copies Pillow can write in RGB as they are; other inputs' copies are saved as PNG.
+_KEEP_SUFFIXES = frozenset({".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".avif"})
+
+
+def _annotated_rel(rel: Path, is_video: bool) -> Path:
+    if is_video:  # frames go next to each other as NAME_fNNNNNN.jpg (the frame number is filled in when saving)
+        return rel
+    return rel if rel.suffix.lower() in _KEEP_SUFFIXES else rel.with_name(rel.name + ".png")
+
+
+def plan_annotated(jobs: list[tuple[str, Path, str | None]], out_dir: Path) -> list[tuple[str, Path, str | None]]:
+    """``jobs`` with the annotated copies' names made safe: relative paths mirrored under ``out_dir`` (a folder's
+    files keep their sub-folders), two inputs with one name told apart by a ``-2``, ``-3`` suffix, and none that
+    would replace an input.
+
+    Raises:
+        OutputError: ``out_dir`` would overwrite an input (e.g. it is the input folder itself).
+    """
+    from ferkit.errors import OutputError
+    from ferkit.infer.sources import is_video
+
+    inputs = set()
+    for file, _, error in jobs:
+        if error is None:
+            try:
+                inputs.add(Path(file).resolve())
+            except OSError:
+                pass
+    used: set[Path] = set()
+    given: dict[Path, Path] = {}  # one input named twice (a folder and a file in it) keeps one copy
+    out = []
+    for file, rel, error in jobs:
+        try:
+            key = Path(file).resolve()
+        except OSError:
+            key = Path(file)
+        if error is None and key in given:
+            out.append((file, given[key], error))
+            continue
+        target = _annotated_rel(rel, is_video(Path(file)))
+        stem, k = target, 2
+        while target in used:
+            target = stem.with_name(f"{stem.stem}-{k}{stem.suffix}")
+            k += 1
+        used.add(target)
+        if error is None:
+            given[key] = target
+        if error is None and (out_dir / target).resolve() in inputs:
+            raise OutputError(f"--save-annotated {out_dir}: would overwrite the input {file}; choose another folder")
+        out.append((file, target, error))
+    return out
+
+
+def save_annotated_image(plot: np.ndarray, unit: Unit, out_dir: Path) -> Path:
+    """Write one annotated copy under ``out_dir`` (atomically: a temporary name, then renamed); returns its path."""
     from PIL import Image
+
+    from ferkit.fsutil import atomic_path
 
     rel = unit.save_as or Path(Path(unit.file).name)
     if unit.frame is not None:
@@ -82,9 +145,13 @@ def save_annotated_image(plot: np.ndarray, unit: Unit, out_dir: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     im = Image.fromarray(plot)
     try:
-        im.save(path)
-    except (ValueError, OSError, KeyError):  # a format Pillow reads but cannot write in RGB (or unknown suffix)
-        im.save(path.with_suffix(".png"))
+        with atomic_path(path) as tmp:
+            im.save(tmp)
+    except (ValueError, KeyError):  # a format Pillow reads but cannot write in RGB: a PNG next to it
+        path = path.with_name(path.name + ".png")
+        with atomic_path(path) as tmp:
+            im.save(tmp)
+    return path
 
 
 class VideoSink:

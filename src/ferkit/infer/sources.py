@@ -72,18 +72,75 @@ def expand_inputs(inputs: list[str]) -> Iterator[tuple[str, Path, str | None]]:
     (sorted), files as given."""
     for inp in inputs:
         p = Path(inp)
-        if p.is_dir():
-            found = sorted((f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()),
-                           key=lambda f: f.relative_to(p).as_posix())
-            if not found:
-                exts = " ".join(sorted(IMAGE_SUFFIXES))
-                yield inp, Path(p.name or "folder"), f"folder holds no images (looked for {exts})"
+        try:
+            is_dir, exists = p.is_dir(), p.exists()
+        except PermissionError:  # a path inside a folder we may not enter
+            yield inp, Path(p.name), "permission denied"
+            continue
+        if is_dir:
+            found, unreadable = _walk(p)
+            for f, why in unreadable:  # reported in order with the rest: one line each, "error" in the output
+                yield str(f), f.relative_to(p), why
+            if not found and not unreadable:
+                exts = " ".join(sorted(IMAGE_SUFFIXES | VIDEO_SUFFIXES))
+                yield inp, Path(p.name or "folder"), f"folder holds no images or videos (looked for {exts})"
             for f in found:
                 yield str(f), f.relative_to(p), None
-        elif not p.exists():
+        elif not exists:
             yield inp, Path(p.name), "no such file or folder"
         else:
             yield inp, Path(p.name), None
+
+
+def _frames(file: str) -> int:
+    """How many frames an image file holds (1 for stills and for anything Pillow cannot open: load reports it)."""
+    from ferkit.images import MULTI_FRAME_SUFFIXES, frame_count
+
+    if Path(file).suffix.lower() not in MULTI_FRAME_SUFFIXES:
+        return 1
+    from PIL import Image
+
+    try:
+        with Image.open(file) as im:
+            return frame_count(im)
+    except Exception:  # unreadable: Recognizer.load names the problem
+        return 1
+
+
+def _cannot_open(file: str) -> str | None:
+    """Why ``file`` cannot be opened for reading ("permission denied", ...), or None when it can."""
+    try:
+        with open(file, "rb"):
+            return None
+    except PermissionError:
+        return "permission denied"
+    except FileNotFoundError:
+        return "no such file or folder"
+    except OSError as e:
+        return f"cannot read the file ({(e.strerror or str(e)).lower()})"
+
+
+def _walk(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Every image and video under ``root`` (sorted by relative path) and the sub-folders that could not be listed.
+
+    Hidden files and folders (``.thumbnails/``, macOS ``._x.jpg`` AppleDouble files) are skipped: they are not
+    photos, and the AppleDouble ones look like JPEGs by name only.
+    """
+    found: list[Path] = []
+    unreadable: list[tuple[Path, str]] = []
+
+    def onerror(e: OSError) -> None:
+        why = "permission denied" if isinstance(e, PermissionError) else (e.strerror or str(e)).lower()
+        unreadable.append((Path(e.filename), f"cannot read the folder ({why})"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=onerror):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            suffix = Path(name).suffix.lower()
+            if not name.startswith(".") and (suffix in IMAGE_SUFFIXES or suffix in VIDEO_SUFFIXES):
+                found.append(Path(dirpath) / name)
+    found.sort(key=lambda f: f.relative_to(root).as_posix())
+    return found, sorted(unreadable)
 
 
 def read_units(jobs: list[tuple[str, Path, str | None]], every: int, *, progress: bool = False) -> Iterator[Unit]:
@@ -97,10 +154,20 @@ def read_units(jobs: list[tuple[str, Path, str | None]], every: int, *, progress
             if error is not None:
                 yield Unit(file, save_as, error=error)
             elif is_video(Path(file)):
-                yield from read_video(file, save_as, every, progress=progress)
+                why = _cannot_open(file)
+                if why:  # OpenCV would only say "cannot open video"
+                    yield Unit(file, save_as, error=why)
+                else:
+                    yield from read_video(file, save_as, every, progress=progress)
             else:
                 try:
-                    yield Unit(file, save_as, image=Recognizer.load(file, name=file))
+                    if _frames(file) > 1:  # an animation or multi-page file: every frame, numbered like a video's
+                        from ferkit.images import iter_frames
+
+                        for i, arr in iter_frames(file, name=file):
+                            yield Unit(file, save_as, frame=i, image=arr)
+                    else:
+                        yield Unit(file, save_as, image=Recognizer.load(file, name=file))
                 except ImageError as e:
                     yield Unit(file, save_as, error=_problem(str(e), file))
                 finally:

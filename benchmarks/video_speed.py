@@ -34,6 +34,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO / "tests"))
 
+from infer_speed import cpu_name  # noqa: E402
 from videoclips import Actor, load_face, write_clip  # noqa: E402
 
 TARGET_FPS = 60.0
@@ -55,16 +56,6 @@ def actors(seconds: float) -> list[Actor]:
     return [Actor(load_face("happy", 0), mover(150, 200, 120, 0.0, 0.0)),
             Actor(load_face("sad", 0), mover(470, 220, 110, 1 / 3, 1.0)),
             Actor(load_face("neutral", 1), mover(320, 360, 90, 2 / 3, 2.0))]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def timed_track(clip: Path, rounds: int) -> tuple[float, int, int]:
@@ -206,7 +197,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=20.0, help="length of the speed clip")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--long-minutes", type=float, default=10.0, help="length of the RSS clip (0: skip)")
+    ap.add_argument("--long-minutes", type=float, default=10.0,
+                    help="length of the RSS clip (0: skip, keeping the long-video result already in the JSON)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -218,6 +210,8 @@ def main() -> None:
         ids = id_switches(d)
         total = sum(stages.values())
         long = None
+        if args.long_minutes <= 0 and (HERE / "video_speed.json").exists():
+            long = json.loads((HERE / "video_speed.json").read_text()).get("long_video")
         if args.long_minutes > 0:
             secs = args.long_minutes * 60
             lclip = write_clip(d / "long.mp4", actors(secs), secs, FPS)
@@ -247,7 +241,7 @@ def main() -> None:
         print(f"{name:<60} " + "  ".join(f"{m}: {r['ids']} IDs for {r['people']}, {r['id_switches']} switches, "
                                           f"{r['swapped_ids']} swapped" for m, r in row.items()))
     if long:
-        print(f"{'RSS over ' + str(args.long_minutes) + ' min (MiB)':<28} first 10%: {long['rss_mib_first_10pct']}, "
+        print(f"{'RSS over ' + str(long['minutes']) + ' min (MiB)':<28} first 10%: {long['rss_mib_first_10pct']}, "
               f"max: {long['rss_mib_max']}, last 10%: {long['rss_mib_last_10pct']} ({long['wall_s']} s)")
     print(f"load average {res['machine']['load_avg']}")
 

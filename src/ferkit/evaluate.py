@@ -7,6 +7,7 @@ The metric functions live in :mod:`ferkit.metrics`; their old names here (``conf
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -150,9 +151,13 @@ def evaluate_models(specs: list[str], *, data: str | None = None, split: str | N
     bad = [c for c in wanted if c not in common]
     if bad:
         raise DatasetError(f"the model(s) have no class(es) {', '.join(bad)} (they share: {', '.join(common)})")
-    data = data or metas[0].training.get("data")
+    stored = None if data else metas[0].training.get("data")
+    data = data or stored
     if not data:
         raise DatasetError("--data is required (the model does not say what it was trained on)")
+    if stored and not Path(stored).exists():  # a path relative to wherever the model was trained
+        raise DatasetError(f"the model was trained on '{stored}', which is not found from {Path.cwd()}: give the "
+                           f"dataset with --data")
     ds = find_dataset(data, wanted, require_all=False)
     split, src = _resolve_split(ds, str(data), split, say)
     if ds.classes != list(metas[0].classes):

@@ -87,6 +87,10 @@ def find_dataset(path: str | os.PathLike, classes: list[str], *, require_all: bo
         return _from_csv(p, classes, require_all)
     subdirs = sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not subdirs:
+        n = sum(1 for f in p.iterdir() if f.is_file() and is_image_path(f))
+        if n:  # photos straight in the folder: a dataset needs to say which class each is
+            raise DatasetError(f"{path}: {n} image(s) but no class folders; a dataset holds <class>/ folders of "
+                               f"images (happy/, sad/, ...) or split folders (train/, validation/) of those")
         raise DatasetError(f"{path}: empty folder (expected split folders such as train/ or class folders)")
     split_dirs = {SPLIT_ALIASES[d.name.lower()]: d for d in subdirs if d.name.lower() in SPLIT_ALIASES}
     skipped: set[str] = set()

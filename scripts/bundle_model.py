@@ -315,7 +315,7 @@ def ece_noise_floor(probs: np.ndarray, draws: int = 200, seed: int = 0) -> float
                           for _ in range(draws)]))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("src", help="run directory, model file or bundled model name")
     ap.add_argument("name", help="the bundled name, e.g. fer3 or fer7-large")
@@ -323,7 +323,10 @@ def main() -> None:
     ap.add_argument("--command", default="", help="the command that trained it (default: kept from the old card)")
     ap.add_argument("--note", default="", help="a paragraph on how it was trained (default: kept from the old card)")
     ap.add_argument("--no-onnx", action="store_true", help="do not write the ONNX sibling")
-    a = ap.parse_args()
+    ap.add_argument("--to", default=str(WEIGHTS_DIR), help="where bundled models live (default: the package's)")
+    ap.add_argument("--cards", default=str(CARDS), help="where the card's plots and JSON go (default %(default)s)")
+    a = ap.parse_args(argv)
+    cards = Path(a.cards)
 
     from ferkit.evaluate import model_logits
     from ferkit.metrics import coverage_curve, plot_coverage, plot_reliability, reliability, selective
@@ -331,7 +334,8 @@ def main() -> None:
 
     data = Path(a.data)
     src = resolve_model_path(a.src)
-    dst = WEIGHTS_DIR / f"{a.name}.safetensors"
+    dst = Path(a.to) / f"{a.name}.safetensors"
+    dst.parent.mkdir(parents=True, exist_ok=True)
     card_path = dst.with_suffix(".md")
     old_cmd, old_note = old_card_parts(card_path)
     meta = read_meta(src)
@@ -339,7 +343,7 @@ def main() -> None:
     command = a.command or training.get("command") or old_cmd
     note = a.note or training.get("note") or old_note
     training.update({"command": command, "note": note})
-    if src.parent != WEIGHTS_DIR:  # a run: where its metrics.json has the TTA number
+    if src.parent != dst.parent:  # where it came from (a run directory, usually)
         training.setdefault("source", str(a.src))
 
     # 1. weights, as they are; 2. the calibration, fitted on validation from the raw logits
@@ -366,15 +370,15 @@ def main() -> None:
     meta = dataclasses.replace(meta, metrics=metrics)
     copy_weights(src if src != dst else dst, dst, meta)
 
-    CARDS.mkdir(parents=True, exist_ok=True)
+    cards.mkdir(parents=True, exist_ok=True)
     probs = Calibration(cal["temperature"], tuple(cal["temperature_poly"])).probs(z)
-    plots = {"reliability": f"../../../benchmarks/cards/{a.name}-reliability.png",
-             "coverage": f"../../../benchmarks/cards/{a.name}-coverage.png"}
+    rel_dir = Path(os.path.relpath(cards, dst.parent)).as_posix()
+    plots = {"reliability": f"{rel_dir}/{a.name}-reliability.png", "coverage": f"{rel_dir}/{a.name}-coverage.png"}
     rel = reliability(probs, y)
-    plot_reliability(rel, CARDS / f"{a.name}-reliability.png",
+    plot_reliability(rel, cards / f"{a.name}-reliability.png",
                      f"{a.name} on validation (calibration fitted there)\nECE {rel['ece']:.4f} in-sample, "
                      f"{cal['after_cross_fit']['ece']:.4f} cross-fitted, {cal['before']['ece']:.4f} raw")
-    plot_coverage(coverage_curve(probs, y), CARDS / f"{a.name}-coverage.png",
+    plot_coverage(coverage_curve(probs, y), cards / f"{a.name}-coverage.png",
                   f"{a.name} on validation: accuracy on the most confident faces",
                   marks=[selective(probs, y, p) for p in MIN_SCORES])
     from ferkit.modelfile import load_model
@@ -383,7 +387,7 @@ def main() -> None:
     params = sum(p.numel() for p in net.parameters())
     card_path.write_text(card_text(a.name, meta, params, dst.stat().st_size / 1e6, r, cal, min_score, command, note,
                                    plots), encoding="utf-8")
-    (CARDS / f"{a.name}.json").write_text(json.dumps({"calibration": cal, **{k: v for k, v in r.items()
+    (cards / f"{a.name}.json").write_text(json.dumps({"calibration": cal, **{k: v for k, v in r.items()
                                                                               if k != "validation"},
                                                       "validation": {k: v[k] for k in ("accuracy", "macro_f1", "n",
                                                                                        "per_class", "ece", "nll",

@@ -24,9 +24,22 @@ def test_bundled_models_present_small_and_described() -> None:
         meta = read_meta(path)
         assert meta.name == name
         assert 0 < meta.metrics["accuracy"] <= 1
-        assert (path.parent / f"{name}.md").read_text().count("validation") >= 1
+        card = (path.parent / f"{name}.md").read_text()
+        assert card.count("validation") >= 1
+        # the card is generated from the metadata (scripts/bundle_model.py): calibration, min_score, terms
+        cal = meta.metrics["calibration"]
+        assert meta.temperature == cal["temperature"] and cal["fit_split"] == "validation"
+        assert f"ECE **{cal['after_cross_fit']['ece']:.4f}**" in card and "commercial" in card
+        assert f"suggested `min_score` | **{meta.metrics['suggested_min_score']:g}**" in card
     assert read_meta(models["fer3"]).classes == ("happy", "sad", "neutral")
     assert len(read_meta(models["fer7"]).classes) == 7
+
+
+def test_models_card_prints_the_card(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models", "--card", "fer7"]) == 0
+    assert capsys.readouterr().out == (bundled_models()["fer7"].with_suffix(".md")).read_text()
+    assert main(["models", "--card", "fer9"]) == 2
+    assert "did you mean 'fer" in capsys.readouterr().err
 
 
 def test_models_command_json(capsys: pytest.CaptureFixture[str]) -> None:

@@ -574,3 +574,27 @@ def test_interrupted_run_resumes(tiny_dataset: Path, tmp_path: Path) -> None:
     assert last["epoch"] == epochs - 1 and last["step"] == epochs * (90 // 16)
     assert not list(out.glob("*.tmp"))
     assert read_meta(out).training["epochs"] == epochs
+
+
+def test_bundle_script_calibrates_and_writes_the_card(run1: Path, tiny_dataset: Path, tmp_path: Path) -> None:
+    """scripts/bundle_model.py on a fresh run: the same weights, a stored calibration, a full card, an ONNX sibling."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bundle_model.py"
+    to, cards = tmp_path / "weights", tmp_path / "cards"
+    r = subprocess.run([sys.executable, str(script), str(run1), "tiny3", "--data", str(tiny_dataset), "--to", str(to),
+                        "--cards", str(cards), "--command", "ferkit train --epochs 1"],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    model = to / "tiny3.safetensors"
+    a, b = load_file(str(run1 / "model.safetensors")), load_file(str(model))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)  # weights untouched
+    meta = read_meta(model)
+    cal = meta.metrics["calibration"]
+    assert meta.name == "tiny3" and meta.temperature == cal["temperature"] and cal["n"] == 90
+    assert meta.metrics["suggested_min_score"] == 0.5 and meta.training["command"] == "ferkit train --epochs 1"
+    card = (to / "tiny3.md").read_text()
+    for part in ("## Data and its terms", "commercial", "## Calibration", "cross-fitted", "## Abstaining",
+                 "## Known limitations", "rotated 30°", "faces/s", "Confusion matrix", "ferkit train --epochs 1"):
+        assert part in card, part
+    assert f"**{meta.metrics['accuracy'] * 100:.2f}%**" in card
+    assert (to / "tiny3.onnx").is_file() and (cards / "tiny3-reliability.png").is_file()
+    assert json.loads((cards / "tiny3.json").read_text())["calibration"] == cal

@@ -348,3 +348,9 @@ def test_reachable_without_keys_is_warned(host: str, keys: str | None, warned: b
 
     found = [w for w in startup_warnings(ServeSettings(host=host, api_keys=keys)) if "without API keys" in w]
     assert bool(found) == warned
+
+
+def test_the_key_is_checked_before_anything_else(keyed: TestClient) -> None:
+    # an unknown parameter or a bad value from a client without a key: 401, so nothing is learnt about the API
+    assert keyed.post("/v1/predict?detct=1", content=b"x").status_code == 401
+    assert keyed.post("/v1/predict?detect=maybe", json={}).status_code == 401

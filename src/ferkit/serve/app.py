@@ -226,7 +226,7 @@ def create_app(settings: ServeSettings | None = None, **options: Any) -> FastAPI
     for name in EXTRA_ROUTERS:  # other features' routers sit behind the same key, rate limit and query check
         if importlib.util.find_spec(name) is not None:
             app.include_router(importlib.import_module(name).router,
-                               dependencies=[Depends(reject_unknown_query), Depends(guard)])
+                               dependencies=[Depends(guard), Depends(reject_unknown_query)])
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     if s.cors_origins:
         from starlette.middleware.cors import CORSMiddleware

@@ -41,8 +41,8 @@ STATUS_FOR: tuple[tuple[type[BaseException], int, str], ...] = (
     (FerkitError, 422, "invalid"),
 )
 
-#: Routes behind the API key and the rate limit (``/healthz``, ``/readyz``, the pages and their files stay open).
-protected = APIRouter(dependencies=[Depends(reject_unknown_query), Depends(guard)], responses=schemas.AUTH_RESPONSES)
+#: Routes behind the API key and the rate limit, checked first (``/healthz``, ``/readyz``, the pages stay open).
+protected = APIRouter(dependencies=[Depends(guard), Depends(reject_unknown_query)], responses=schemas.AUTH_RESPONSES)
 #: Routes anyone may call.
 public = APIRouter(dependencies=[Depends(reject_unknown_query)])
 

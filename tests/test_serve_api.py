@@ -266,6 +266,10 @@ def test_openapi_describes_responses(client: TestClient) -> None:
         get = spec["paths"][path]["get"]
         assert get["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith(model)
     assert "/metrics" in spec["paths"]
+    # both ways of sending a key are declared, on the protected routes only
+    assert {"HTTPBearer", "APIKeyHeader"} <= set(spec["components"]["securitySchemes"])
+    assert post["security"] and "security" in spec["paths"]["/metrics"]["get"]
+    assert "security" not in spec["paths"]["/healthz"]["get"] and "security" not in spec["paths"]["/readyz"]["get"]
 
 
 BAD_SETTINGS = [

@@ -18,7 +18,8 @@ import threading
 import time
 from pathlib import Path
 
-from fastapi import Request
+from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from ferkit.errors import ConfigError
 from ferkit.serve.upload import Rejected
@@ -64,15 +65,9 @@ class APIKeys:
         return d.hex()[:12] if ok else None
 
 
-def presented_key(request: Request) -> str | None:
-    """The key a request carries: ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``."""
-    auth = request.headers.get("authorization")
-    if auth:
-        scheme, _, value = auth.partition(" ")
-        if scheme.lower() == "bearer" and value.strip():
-            return value.strip()
-    key = request.headers.get("x-api-key")
-    return key.strip() if key and key.strip() else None
+# FastAPI's own header readers: they parse the headers and declare both schemes in the OpenAPI description.
+_bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer KEY (one of the server's --api-keys)")
+_api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="X-API-Key: KEY (the same keys)")
 
 
 class RateLimiter:
@@ -113,7 +108,8 @@ class RateLimiter:
         return wait
 
 
-async def guard(request: Request) -> None:
+async def guard(request: Request, bearer: HTTPAuthorizationCredentials | None = Depends(_bearer),
+                api_key: str | None = Depends(_api_key)) -> None:
     """The dependency of every protected route: API key (401/403), then the rate limit (429).
 
     Sets ``request.state.client_id`` for the logs and metrics.
@@ -122,8 +118,8 @@ async def guard(request: Request) -> None:
     keys: APIKeys | None = state.api_keys
     client = request.client.host if request.client else "unknown"
     if keys is not None:
-        presented = presented_key(request)
-        if presented is None:
+        presented = (bearer.credentials.strip() if bearer else "") or (api_key or "").strip()
+        if not presented:
             raise Rejected(401, "API key required: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
                            {"WWW-Authenticate": 'Bearer realm="ferkit"'}, reason="unauthorized")
         kid = keys.check(presented)

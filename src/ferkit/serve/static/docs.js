@@ -124,6 +124,10 @@
       sec.append(el("h2", {}, el("span", { className: `method ${method}`, textContent: method.toUpperCase() }), path));
       if (op.summary) sec.append(el("p", { textContent: op.summary }));
       if (op.description) sec.append(el("p", { className: "muted", textContent: op.description }));
+      if (op.security && op.security.length) {
+        sec.append(el("p", { className: "muted needs-key", textContent:
+          "Needs an API key when the server has them: Authorization: Bearer KEY or X-API-Key: KEY." }));
+      }
       const params = op.parameters || [];
       if (params.length) {
         sec.append(el("h3", { textContent: "Parameters" }));

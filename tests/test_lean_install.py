@@ -91,6 +91,21 @@ def test_lean_install_predicts_a_real_photo_without_torch(lean_venv: Path) -> No
     assert r.stdout.split() == ["onnx", "False"]
 
 
+def test_lean_install_lists_models_and_tracks_a_real_clip(lean_venv: Path, tmp_path: Path) -> None:
+    """`ferkit models` and `ferkit track` (a clip made of a wild-dev photo: tests/videoclips.py) need no torch."""
+    from videoclips import gap_clip
+
+    if not WILD.is_dir():
+        pytest.skip(f"wild-dev photos not found under {WILD}")
+    ferkit = str(lean_venv / "bin" / "ferkit")
+    models = json.loads(_run([ferkit, "models", "--json"], env=_env(), cwd="/").stdout)
+    assert {m["name"] for m in models} >= {"fer3", "fer7"}
+    clip = gap_clip(tmp_path / "gap.mp4")
+    _run([ferkit, "track", str(clip), "--out", str(tmp_path / "out")], env=_env(), cwd="/")
+    rows = (tmp_path / "out" / "gap.frames.csv").read_text().splitlines()
+    assert len(rows) > 1 and all(r.split(",")[2] == "1" for r in rows[1:])  # one person, one track id
+
+
 def test_lean_install_says_which_extra_a_command_needs(lean_venv: Path, tmp_path: Path) -> None:
     r = subprocess.run([str(lean_venv / "bin" / "ferkit"), "train", "--data", str(tmp_path)], capture_output=True,
                        text=True, env=_env(), cwd="/")

@@ -27,7 +27,6 @@ the endpoints in :mod:`ferkit.serve.routes`, keys and rate limits in :mod:`ferki
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import importlib
 import importlib.util
 import logging
@@ -83,13 +82,9 @@ def _bundled_summaries() -> list[dict[str, Any]]:
 
 def _model_version(spec: str) -> str:
     """The first 12 hex digits of the model file's SHA-256 (what the metrics and /v1/models call its version)."""
-    from ferkit.modelfile import resolve_model_path
+    from ferkit.modelfile import file_digest, resolve_model_path
 
-    h = hashlib.sha256()
-    with resolve_model_path(spec).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:12]
+    return file_digest(resolve_model_path(spec))[:12]
 
 
 def check_model(spec: str) -> None:

@@ -358,3 +358,22 @@ def test_the_key_is_checked_before_anything_else(keyed: TestClient) -> None:
     # an unknown parameter or a bad value from a client without a key: 401, so nothing is learnt about the API
     assert keyed.post("/v1/predict?detct=1", content=b"x").status_code == 401
     assert keyed.post("/v1/predict?detect=maybe", json={}).status_code == 401
+
+
+def test_serving_never_imports_torch(jpeg: bytes, tmp_path: Path) -> None:
+    """The whole request path (app, lifespan, predict, metrics) stays torch-free: ferkit[serve] has no torch."""
+    import subprocess
+    import sys
+
+    photo = tmp_path / "p.jpg"
+    photo.write_bytes(jpeg)
+    code = (
+        "import sys\nfrom fastapi.testclient import TestClient\nfrom ferkit.serve.app import create_app\n"
+        "with TestClient(create_app(model='fer3')) as c:\n"
+        f"    assert c.post('/v1/predict', content=open({str(photo)!r}, 'rb').read()).status_code == 200\n"
+        "    assert c.get('/metrics').status_code == 200\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

@@ -98,3 +98,35 @@ def test_report_files_and_table(tmp_path: Path) -> None:
     assert "accuracy 75.00%" in table and "n=12" in table
     for c in C3:
         assert c in table
+
+
+def test_metrics_live_in_metrics_py_and_old_names_still_import() -> None:
+    import subprocess
+    import sys
+
+    import ferkit.ensemble as ens
+    import ferkit.evaluate as ev
+    import ferkit.metrics as mt
+
+    for name in ("confusion", "evaluate_probs", "format_table", "metrics_from_confusion", "write_report",
+                 "plot_confusion", "plot_curves"):
+        assert getattr(ev, name) is getattr(mt, name), name
+    assert ens.evaluate_models is ev.evaluate_models and ens.ensemble_probs is ev.ensemble_probs
+    # the metrics need neither torch nor matplotlib until a plot is drawn
+    code = "import sys, ferkit.metrics; print('torch' in sys.modules, 'matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+def test_report_with_probabilities_adds_reliability_and_coverage(tmp_path: Path) -> None:
+    from ferkit.metrics import calibration
+
+    g = np.random.default_rng(0)
+    probs = g.dirichlet(np.ones(3), 300)
+    labels = g.integers(0, 3, 300)
+    m = evaluate_probs(probs, labels, C3)
+    assert m["ece"] == calibration(probs, labels)["ece"] and "nll" in m and "brier" in m
+    write_report(m, tmp_path, title="t", probs=probs, labels=labels)
+    for png in ("confusion_matrix.png", "reliability.png", "coverage.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    assert not list(tmp_path.glob("*.tmp*"))  # written under temporary names, renamed

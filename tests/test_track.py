@@ -319,3 +319,36 @@ def test_api_raises_video_error(rec, clips: dict[str, Path]) -> None:
             list(rec.track(clips[name]))
     with pytest.raises(VideoError, match="declared frames"):
         list(rec.track(clips["truncated"]))
+
+
+def test_progress_bar_on_a_terminal_only(tmp_path: Path, clips: dict[str, Path], monkeypatch) -> None:
+    """stderr a terminal: a bar with frames done of the total and the rate; --quiet or not a terminal: no bar."""
+    import os
+    import pty
+    import sys
+
+    from ferkit.infer import sources
+
+    main, sub = pty.openpty()  # a terminal that reports no size, like a bare CI console
+    proc = subprocess.Popen([sys.executable, "-m", "ferkit", "track", str(clips["noface"]), "--out", str(tmp_path)],
+                            env={**os.environ, "FERKIT_PROGRESS": "1"}, stdout=subprocess.DEVNULL, stderr=sub)
+    os.close(sub)
+    chunks = []
+    while True:
+        try:
+            data = os.read(main, 4096)
+        except OSError:  # the child closed its end
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(main)
+    assert proc.wait() == 0
+    bar = b"".join(chunks).decode(errors="replace")
+    assert "20/20" in bar and "frame/s" in bar, bar
+
+    monkeypatch.setenv("FERKIT_PROGRESS", "1")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert sources.progress_enabled() and not sources.progress_enabled(quiet=True)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert not sources.progress_enabled()

@@ -387,8 +387,14 @@ def make_progress(total: int | None, unit: str, *, enabled: bool, desc: str | No
         from tqdm import tqdm
     except ImportError:  # the lean install may lack tqdm: no bar rather than a failure
         return _NoBar()
+    try:
+        cols, rows = os.get_terminal_size(sys.stderr.fileno())
+    except (OSError, ValueError):
+        cols = rows = 0
+    # a terminal that reports no size (a bare pty, some CI consoles): tqdm would hide the bar (0 rows) or draw it
+    # 0 characters wide
     return tqdm(total=total, unit=unit[:-1] if unit.endswith("s") else unit, desc=desc, file=sys.stderr,
-                dynamic_ncols=True, leave=False)
+                dynamic_ncols=cols > 0, ncols=None if cols > 0 else 80, nrows=None if rows > 0 else 24, leave=False)
 
 
 def batches(units: Iterator[Unit], batch_size: int) -> Iterator[list[Unit]]:

@@ -185,6 +185,10 @@ def card_text(name: str, meta: ModelMeta, params: int, size_mb: float, r: dict[s
     t = meta.training
     classes = list(meta.classes)
     teacher = f", distilled from {t['teacher']}" if t.get("teacher") else ""
+    if t.get("ensemble_of"):
+        recipe = f"an ensemble (averaged probabilities) of {', '.join(map(str, t['ensemble_of']))}"
+    else:
+        recipe = f"`{t.get('recipe')}`, {t.get('epochs')} epochs (best epoch {t.get('best_epoch')}){teacher}"
     lines = [
         f"# {name}: {meta.arch}, {len(classes)} classes ({', '.join(classes)})",
         "",
@@ -193,9 +197,9 @@ def card_text(name: str, meta: ModelMeta, params: int, size_mb: float, r: dict[s
         f"| architecture | `{meta.arch}` ({params:,} parameters), input {meta.input_size}×{meta.input_size} grayscale, "
         f"mean {meta.mean}, std {meta.std} |",
         f"| classes | {', '.join(classes)} |",
-        f"| training data | FER2013 `train/` (Kaggle split folders, {t.get('train_images', 0):,} images of these "
+        f"| training data | FER2013 `train/` (Kaggle split folders, {t.get('train_images') or 0:,} images of these "
         "classes) |",
-        f"| recipe | `{t.get('recipe')}`, {t.get('epochs')} epochs (best epoch {t.get('best_epoch')}){teacher} |",
+        f"| recipe | {recipe} |",
         f"| validation (FER2013 PublicTest, n={v['n']}) | accuracy **{pct(v['accuracy'])}** (macro-F1 "
         f"{pct(v['macro_f1'])}); with flip TTA {pct(r['accuracy_tta_flip'])} |",
         f"| calibration | {cal['method']}, fitted on `validation`: ECE **{cal['after_cross_fit']['ece']:.4f}** "

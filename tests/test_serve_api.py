@@ -304,6 +304,15 @@ def test_bad_environment_and_files(tmp_path: Path, capsys: pytest.CaptureFixture
     empty.write_text("# nothing yet\n\n")
     assert main(["serve", "--api-keys", str(empty)]) == 2
     assert "no API keys in the file" in check(capsys.readouterr().err)
+    import socket
+
+    with socket.socket() as busy:  # a port another process listens on
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+        assert f"--port {port}: cannot listen on 127.0.0.1:{port} (address already in use)" in check(
+            capsys.readouterr().err)
     monkeypatch.setenv("FERKIT_SERVE_PORTT", "8001")
     assert main(["serve"]) == 2
     assert "unknown environment variable FERKIT_SERVE_PORTT; did you mean FERKIT_SERVE_PORT?" in check(

@@ -263,6 +263,24 @@ def _fresh_state_dir(s: ServeSettings) -> tuple[str, bool]:
     return tempfile.mkdtemp(prefix="ferkit-serve-"), True
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse, in one line, an address another process is listening on (uvicorn would say so only after a worker
+    loaded its model, or with one log line and exit 3).
+
+    Raises:
+        ConfigError: the address cannot be bound.
+    """
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no conflict
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"--port {port}: cannot listen on {host}:{port} "
+                              f"({(e.strerror or str(e)).lower()})") from None
+
+
 def startup_warnings(s: ServeSettings) -> list[str]:
     """What an operator should hear about these settings before the server starts."""
     out = []
@@ -298,6 +316,7 @@ def serve(settings: ServeSettings | None = None, **options: Any) -> None:
         raise UnknownNameError("detector", s.detector, list_detectors())
     if s.api_keys:
         APIKeys.from_file(s.api_keys)  # same: an unreadable or empty keys file stops here
+    check_port(s.host, s.port)
     # One thread per operator: a server gets its parallelism from concurrent requests, and per-request thread pools
     # competing for the same cores cost more than they give (benchmarks/serve_load.py: 48 vs 39 req/s on 2 cores).
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ferkit.data.augment import to_float
+from ferkit.errors import UnknownNameError
 from ferkit.metrics import (  # noqa: F401  (re-exported: the names this module had before metrics.py)
     confusion,
     evaluate_probs,
@@ -40,7 +41,7 @@ def tta_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
         offs = [(0, 0), (0, d), (d, 0), (d, d), (d // 2, d // 2)]
         crops = [big[..., i : i + s, j : j + s] for i, j in offs]
         return crops + [c.flip(-1) for c in crops]
-    raise ValueError(f"unknown tta '{tta}' (none, flip, tencrop)")
+    raise UnknownNameError("tta", tta, ("none", "flip", "tencrop"))
 
 
 @torch.inference_mode()

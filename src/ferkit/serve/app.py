@@ -248,6 +248,8 @@ def app_from_env() -> FastAPI:
     """:func:`create_app` configured by the ``FERKIT_SERVE_*`` variables (see :class:`ServeSettings`).
 
     This is the factory uvicorn's worker processes import (``uvicorn ferkit.serve.app:app_from_env --factory``).
+    Started that way rather than by :func:`serve`, set ``PROMETHEUS_MULTIPROC_DIR`` (an empty directory) and
+    ``FERKIT_SERVE_STATE_DIR`` yourself for metrics and rate limits shared by several workers.
     """
     return create_app(ServeSettings.from_env())
 

@@ -167,11 +167,20 @@ def evaluate_models(specs: list[str], *, data: str | None = None, split: str | N
     probs, labels = ensemble_probs(models, src, ds.classes, tta=tta, batch_size=batch_size, strict=strict)
     m = evaluate_probs(probs, labels, ds.classes)
     m.update({"split": split, "data": str(data), "models": specs, "tta": tta,
-              "temperature": [float(getattr(x, "temperature", 1.0)) for x in metas] if len(metas) > 1
-              else float(getattr(metas[0], "temperature", 1.0))})
+              "calibration": [_calibration_note(x, split) for x in metas]})
     if min_score is not None:
         m["selective"] = selective(probs, labels, min_score)
     return (m, probs, labels) if return_probs else m
+
+
+def _calibration_note(meta: Any, split: str) -> dict[str, Any]:
+    """How a model's scores are calibrated, and whether ``split`` is the one its calibration was fitted on."""
+    stored = (meta.metrics or {}).get("calibration") or {}
+    method = ("none" if meta.temperature == 1.0 and not meta.temperature_poly
+              else stored.get("method") or ("score-dependent temperature" if meta.temperature_poly else "temperature"))
+    fit = stored.get("fit_split")
+    return {"method": method, "temperature": float(meta.temperature), "temperature_poly": list(meta.temperature_poly),
+            "fit_split": fit, "in_sample": bool(fit) and fit == split}
 
 
 def model_logits(spec: str, *, data: str, split: str = "validation", batch_size: int = 512,

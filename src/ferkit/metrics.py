@@ -172,8 +172,12 @@ def format_table(m: dict[str, Any]) -> str:
     lines = [f"accuracy {m['accuracy'] * 100:.2f}%   macro-F1 {m['macro_f1'] * 100:.2f}%   n={m['n']}"]
     if "ece" in m:
         lines.append(f"ECE {m['ece']:.4f} ({m.get('ece_bins', ECE_BINS)} bins)   NLL {m['nll']:.4f}   "
-                     f"Brier {m['brier']:.4f}   mean top score {m['mean_confidence']:.3f}"
-                     + (f"   temperature {m['temperature']:.3f}" if m.get("temperature") else ""))
+                     f"Brier {m['brier']:.4f}   mean top score {m['mean_confidence']:.3f}")
+        for c in m.get("calibration") or []:
+            t = "" if c["temperature_poly"] else f" T={c['temperature']:.3f}"
+            lines.append(f"calibration: {c['method']}{t}" + (
+                " (fitted on this split: these calibration numbers are in-sample; the model card gives cross-fitted "
+                "ones)" if c.get("in_sample") else ""))
     sel = m.get("selective")
     if sel:
         lines.append(f"min-score {sel['min_score']:g}: coverage {sel['coverage'] * 100:.2f}% ({sel['kept']} faces), "

@@ -8,7 +8,11 @@ The exported graph takes the *normalised* face batch and returns class **probabi
 
 The model file's :class:`~ferkit.modelfile.ModelMeta` travels in the ONNX ``metadata_props``: key ``"ferkit"`` holds
 its JSON; ``"classes"`` (JSON list), ``"input_size"``, ``"mean"``, ``"std"`` and ``"output"`` (``"probabilities"``)
-are there for readers that do not know ferkit.
+are there for readers that do not know ferkit, and ``"source_sha256"`` the digest of the model file it came from.
+
+This module is the only place ferkit makes ONNX: :func:`onnx_bytes` (the graph, in memory), :func:`export_onnx`
+(a file, after a parity check against PyTorch), :func:`write_sibling` (the ``.onnx`` beside a bundled model, which
+the torch-free install runs) and :func:`export_int8` (static int8 quantisation, refused if it costs accuracy).
 """
 
 from __future__ import annotations

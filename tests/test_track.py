@@ -141,6 +141,10 @@ def test_every_nth_frame(rec, clips: dict[str, Path]) -> None:
     results = list(rec.track(clips["gap"], every=3))
     assert [r.frame for r in results] == list(range(0, 60, 3))
     assert {f.track for r in results for f in r} <= {1, None}
+    # one frame a second: the face is back at frame 40 after a frame without it; ByteTrack has no confirmed
+    # track in that frame (a new track waits for a second sighting), the face is still reported
+    sparse = list(rec.track(clips["gap"], every=20))
+    assert [len(r) for r in sparse] == [1, 0, 1] and sparse[0][0].track == 1
 
 
 def test_smoothing_is_in_seconds_not_frames() -> None:
@@ -208,6 +212,12 @@ def test_predict_track_adds_track_ids(clips: dict[str, Path]) -> None:
     faces = [f for el in els for f in el["faces"]]
     assert len(faces) == 40 and {f.get("track") for f in faces[1:]} == {1}
     assert all("smoothed" in f for f in faces[1:]) and faces[5]["smoothed"]["label"] == "happy"
+    o3 = io.StringIO()
+    assert run_predict([str(clips["gap"])], model="fer3", fmt="csv", track=True, every=10, out=o3,
+                       err=io.StringIO()) == 0
+    head, *rows = o3.getvalue().splitlines()
+    assert head.endswith(",track,smoothed_label,smoothed_score") and len(rows) == 4  # frames 0, 10, 40, 50
+    assert [r.split(",")[-3] for r in rows] == ["1"] * 4
     o2 = io.StringIO()
     run_predict([str(clips["gap"])], model="fer3", fmt="jsonl", out=o2, err=io.StringIO())
     assert all("track" not in f for line in o2.getvalue().splitlines() for f in json.loads(line)["faces"])

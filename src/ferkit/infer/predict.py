@@ -92,7 +92,7 @@ def run_predict(inputs: list[str], *, model: str = "fer3", fmt: str = "table", s
         except OutputError as e:
             return fail(str(e), e.exit_code)
     saved = 0
-    writer = Writer(fmt, out, rec.classes, [j[0] for j in jobs])
+    writer = Writer(fmt, out, rec.classes, [j[0] for j in jobs], track=track)
     status = 0
     try:
         for u, r in _recognise(rec, jobs, every=every, batch_size=batch_size, no_detect=no_detect,

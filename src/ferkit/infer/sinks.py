@@ -21,14 +21,17 @@ FORMATS = ("table", "json", "jsonl", "csv")
 
 
 class Writer:
-    """Streams one element per image/frame in the chosen format."""
+    """Streams one element per image/frame in the chosen format; with ``track``, CSV rows end with the face's track
+    and smoothed label and score, and the table's face column shows ``#track``."""
 
-    def __init__(self, fmt: str, out: TextIO, classes: tuple[str, ...], files: list[str]) -> None:
-        self.fmt, self.out, self.classes = fmt, out, classes
+    def __init__(self, fmt: str, out: TextIO, classes: tuple[str, ...], files: list[str], *,
+                 track: bool = False) -> None:
+        self.fmt, self.out, self.classes, self.track = fmt, out, classes, track
         self.n = 0
         if fmt == "csv":
             self.csv = csv.writer(out, lineterminator="\n")
-            self.csv.writerow(["file", "frame", "time", "x", "y", "w", "h", "label", "score", "det_score", *classes])
+            self.csv.writerow(["file", "frame", "time", "x", "y", "w", "h", "label", "score", "det_score", *classes,
+                               *(("track", "smoothed_label", "smoothed_score") if track else ())])
         elif fmt == "json":
             out.write("[")
         elif fmt == "table":
@@ -48,11 +51,17 @@ class Writer:
             for f in el.get("faces", ()):
                 self.csv.writerow([el["file"], el.get("frame", ""), "" if el.get("time") is None else el["time"],
                                    *f["box"], f["label"], f"{f['score']:.4f}", _det(f, "{:.4f}", ""),
-                                   *(f"{f['scores'][c]:.4f}" for c in self.classes)])
+                                   *(f"{f['scores'][c]:.4f}" for c in self.classes), *self._track_cells(f)])
         else:
             self._table_rows(el)
         self.n += 1
         self.out.flush()
+
+    def _track_cells(self, f: dict[str, Any]) -> tuple[Any, ...]:
+        if not self.track:
+            return ()
+        sm = f.get("smoothed")
+        return (f.get("track", ""), sm["label"] if sm else "", f"{sm['score']:.4f}" if sm else "")
 
     def _table_rows(self, el: dict[str, Any]) -> None:
         frame = "" if el.get("frame") is None else str(el["frame"])
@@ -64,7 +73,8 @@ class Writer:
             self.out.write(f"{lead} {'-':>4}  no face\n")
         for k, f in enumerate(el.get("faces", ()), 1):
             box = ",".join(str(v) for v in f["box"])
-            self.out.write(f"{lead} {k:>4}  {box:<21} {f['label']:<{self.cw}} {f['score']:>6.3f} "
+            face = (f"#{f['track']}" if f.get("track") is not None else "new") if self.track else k
+            self.out.write(f"{lead} {face:>4}  {box:<21} {f['label']:<{self.cw}} {f['score']:>6.3f} "
                            f"{_det(f, '{:.2f}', '-'):>5}"
                            + "".join(f"{f['scores'][c]:>{self.cw}.3f}" for c in self.classes) + "\n")
 

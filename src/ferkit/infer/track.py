@@ -171,6 +171,8 @@ class FaceTracker:
         dets = self._sv.Detections(xyxy=xyxy, confidence=conf, data={"index": np.arange(len(detections))})
         out = self._bt.update_with_detections(dets)
         ids: list[int | None] = [None] * len(detections)
+        if len(out) == 0:  # no confirmed track this frame: supervision returns Detections.empty(), without our data
+            return ids
         for i, tid in zip(out.data["index"], out.tracker_id):
             ids[int(i)] = int(tid)
         return ids

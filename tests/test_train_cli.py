@@ -36,6 +36,8 @@ RUN_FILES = (
     "metrics.json",
     "curves.png",
     "confusion_matrix.png",
+    "reliability.png",
+    "coverage.png",
 )
 H3 = ["happy", "sad", "neutral"]
 

@@ -265,6 +265,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
 
     raw = best_weights(fabric, model, out / "best.ckpt")
     final, plain, cal = final_evaluation(raw, cfg, val_images, data, classes)
+    final_probs = final.pop("probs")
     result = {
         "final": final,
         "plain_accuracy": plain["accuracy"],
@@ -281,7 +282,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         "calibration": cal,
     }
     if fabric.is_global_zero:
-        write_run(fabric, out, cfg, raw, classes, data, plain, final, cal, result)
+        write_run(fabric, out, cfg, raw, classes, data, plain, final, cal, result, final_probs)
     fabric.barrier()
     return result
 
@@ -493,12 +494,15 @@ def final_evaluation(raw: nn.Module, cfg: TrainConfig, val_images: torch.Tensor,
                      temperature_poly=tuple(cal["temperature_poly"]))
     kw = dict(size=cfg.input_size, mean=MEAN, std=STD, device=val_images.device, calibration=meta)
     plain = evaluate_probs(predict_probs(raw, val_images, **kw), data.val_y, classes)
-    final = evaluate_probs(predict_probs(raw, val_images, tta=cfg.tta, **kw), data.val_y, classes)
+    final_probs = predict_probs(raw, val_images, tta=cfg.tta, **kw)
+    final = evaluate_probs(final_probs, data.val_y, classes)
+    final["probs"] = final_probs.numpy()  # for the run's reliability and coverage plots; not written to JSON
     return final, plain, cal
 
 
 def write_run(fabric, out: Path, cfg: TrainConfig, raw: nn.Module, classes: list[str], data: Splits,
-              plain: dict[str, Any], final: dict[str, Any], cal: dict[str, Any], result: dict[str, Any]) -> None:
+              plain: dict[str, Any], final: dict[str, Any], cal: dict[str, Any], result: dict[str, Any],
+              final_probs: np.ndarray | None = None) -> None:
     """Rank zero: model.safetensors (+ .json), metrics.json, confusion matrix and curves; one closing line."""
     meta = ModelMeta(
         arch=cfg.model,
@@ -531,7 +535,8 @@ def write_run(fabric, out: Path, cfg: TrainConfig, raw: nn.Module, classes: list
         },
     )
     save_model(out / "model.safetensors", raw, meta)
-    write_report(final, out, title=f"{cfg.model} on {data.val_name}: {final['accuracy'] * 100:.2f}% (tta {cfg.tta})")
+    write_report(final, out, title=f"{cfg.model} on {data.val_name}: {final['accuracy'] * 100:.2f}% (tta {cfg.tta})",
+                 probs=final_probs, labels=data.val_y)
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     if result["history"]:
         plot_curves(result["history"], out / "curves.png")

@@ -90,7 +90,7 @@ def test_ece_of_a_hand_made_case() -> None:
     assert cov["coverage"] == [0.25, 0.5, 0.75, 1.0] and cov["accuracy"][-1] == 0.75
 
 
-@pytest.mark.parametrize("name", ["fer3", "fer7"])
+@pytest.mark.parametrize("name", sorted(bundled_models()))
 def test_bundled_models_are_calibrated_on_every_path(name: str) -> None:
     """The stored calibration changes the scores, not the labels, identically in torch and in ONNX Runtime."""
     pytest.importorskip("onnxruntime")
@@ -98,7 +98,8 @@ def test_bundled_models_are_calibrated_on_every_path(name: str) -> None:
 
     meta = read_meta(bundled_models()[name])
     assert meta.temperature != 1.0 and meta.metrics["calibration"]["fit_split"] == "validation"
-    faces = np.random.default_rng(0).integers(0, 256, (64, 48, 48), dtype=np.uint8)
+    s = meta.input_size
+    faces = np.random.default_rng(0).integers(0, 256, (64, s, s), dtype=np.uint8)
     p_onnx = Recognizer(model=name, backend="onnx").classify(faces)
     p_torch = Recognizer(model=name, backend="torch").classify(faces)
     assert np.allclose(p_onnx, p_torch, atol=1e-4)

@@ -94,7 +94,9 @@ def save_model(path: str | os.PathLike, net: nn.Module, meta: ModelMeta, *, json
     save_file(state, str(tmp), metadata={META_KEY: meta.to_json(), "format": FORMAT})
     os.replace(tmp, path)
     if json_sidecar:
-        path.with_suffix(".json").write_text(json.dumps(json.loads(meta.to_json()), indent=2) + "\n")
+        from ferkit.fsutil import atomic_write_text
+
+        atomic_write_text(path.with_suffix(".json"), json.dumps(json.loads(meta.to_json()), indent=2) + "\n")
     return path
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ferkit.classes import FER2013_CLASSES, parse_classes
 from ferkit.config import TrainConfig
+from ferkit.fsutil import atomic_write_text
 from ferkit.data import find_dataset, load_split
 from ferkit.data.augment import BatchAugment
 from ferkit.errors import ConfigError, DatasetError
@@ -335,7 +336,7 @@ def announce_run(fabric, cfg: TrainConfig, data: Splits, classes: list[str], res
     )
     if data.skipped:
         fabric.print(f"skipped {len(data.skipped)} unreadable image(s); listed in {out / 'skipped.txt'}")
-        (out / "skipped.txt").write_text("\n".join(data.skipped) + "\n")
+        atomic_write_text(out / "skipped.txt", "\n".join(data.skipped) + "\n")
 
 
 def build_model(cfg: TrainConfig, classes: list[str], fabric, *, init: bool) -> nn.Module:
@@ -458,8 +459,8 @@ def run_epochs(fabric, cfg: TrainConfig, state: RunState, model: nn.Module, opt,
             "model": model, "optimizer": opt, "scheduler": sched, "epoch": epoch, "best_acc": state.best_acc,
             "history": state.history, "step": state.step, "stale": state.stale, "config": cfg.to_dict()})
         if fabric.is_global_zero:
-            (out / "metrics.json").write_text(json.dumps({"history": state.history, "status": "running"}, indent=2)
-                                              + "\n")
+            atomic_write_text(out / "metrics.json",
+                              json.dumps({"history": state.history, "status": "running"}, indent=2) + "\n")
         if cfg.max_steps and state.step >= cfg.max_steps:
             fabric.print("stopping early: max_steps reached")
             break
@@ -537,7 +538,7 @@ def write_run(fabric, out: Path, cfg: TrainConfig, raw: nn.Module, classes: list
     save_model(out / "model.safetensors", raw, meta)
     write_report(final, out, title=f"{cfg.model} on {data.val_name}: {final['accuracy'] * 100:.2f}% (tta {cfg.tta})",
                  probs=final_probs, labels=data.val_y)
-    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out / "metrics.json", json.dumps(result, indent=2) + "\n")
     if result["history"]:
         plot_curves(result["history"], out / "curves.png")
     ece = f"ECE {cal['before']['ece']:.4f} -> {cal['after_cross_fit']['ece']:.4f}"
@@ -594,4 +595,4 @@ def _save_weights(model: nn.Module, path: Path) -> None:
 def _write_yaml(path: Path, d: dict) -> None:
     import yaml
 
-    path.write_text(yaml.safe_dump(d, sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(d, sort_keys=False))

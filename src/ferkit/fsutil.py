@@ -19,21 +19,9 @@ log = logging.getLogger(__name__)
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text"]
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems (e.g. network mounts) refuse fsync on a directory: the rename still happened
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder (which makes a rename in it durable on POSIX), to disk; best effort: Windows cannot
+    open folders, and some filesystems (network mounts) refuse fsync on them, while the write itself happened."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -68,14 +56,14 @@ def atomic_path(path: str | os.PathLike[str], *, mode: int | None = None) -> Ite
         yield tmp
         if not tmp.exists():
             raise FileNotFoundError(f"{tmp}: nothing was written for {target}")
-        _fsync_file(tmp)
+        _fsync(tmp)
         os.chmod(tmp, mode if mode is not None else _default_mode(target))
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    _fsync_dir(target.parent)
+    _fsync(target.parent)
 
 
 def _default_mode(target: Path) -> int:

@@ -133,7 +133,7 @@ def test_results_to_dict_json_and_plot(rec: Recognizer, face_path: Path) -> None
     assert d["file"] == str(face_path)
     assert len(d["faces"]) == 1
     f = d["faces"][0]
-    assert set(f) == {"box", "label", "score", "scores"}
+    assert set(f) == {"box", "label", "score", "scores", "det_score"} and 0.6 <= f["det_score"] <= 1.0
     assert isinstance(f["box"], list) and len(f["box"]) == 4
     assert list(f["scores"]) == list(CLASSES)
     assert sum(f["scores"].values()) == pytest.approx(1.0, abs=1e-5)

@@ -258,6 +258,12 @@ INT8_CALIBRATION_IMAGES = 1000
 #: Only the layers holding the weights are quantised; the calibrated softmax stays in float (its small probabilities
 #: would round to a few int8 levels).
 INT8_OP_TYPES = ("Conv", "Gemm", "MatMul")
+#: Activation ranges from the 99.99th percentile of |activation| rather than the extremes. Measured on the bundled
+#: models' whole validation splits (1000 calibration faces): MinMax lost 0.05 points on fer3 and 0.53 on fer7
+#: (refused), Entropy 0.53 on fer7; the percentile gained 0.05 and 0.06.
+INT8_PERCENTILE = 99.99
+#: Faces per calibration batch; the percentile calibrator needs batches of one size.
+INT8_CALIBRATION_BATCH = 50
 
 
 def _sample_split(split: Any, n: int, size: int) -> Any:
@@ -306,8 +312,8 @@ def export_int8(model: str, out: str, *, data: str | os.PathLike, opset: int = 1
     """Export a ferkit model to a statically quantised int8 ONNX file, refused if it loses accuracy.
 
     onnxruntime's ``quantize_static`` (QDQ format, per-channel int8 weights, uint8 activations) with activation ranges
-    calibrated on training images of ``data``; then the float and the int8 graphs are both scored on the whole
-    validation split and timed on a batch of 256 faces.
+    calibrated (99.99th percentile) on training images of ``data``; then the float and the int8 graphs are both
+    scored on the whole validation split and timed on a batch of 256 faces.
 
     Args:
         model: a bundled model's name, a run directory or a ``.safetensors`` model file.
@@ -350,9 +356,12 @@ def export_int8(model: str, out: str, *, data: str | os.PathLike, opset: int = 1
     x_val, y_val = pre.numpy(loaded_val.images), to_model[loaded_val.labels]
     x_cal = pre.numpy(calib.images)
 
+    b = min(INT8_CALIBRATION_BATCH, len(x_cal))
+    x_cal = x_cal[:len(x_cal) // b * b]
+
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter([x_cal[i:i + 64] for i in range(0, len(x_cal), 64)])
+            self.batches = iter([x_cal[i:i + b] for i in range(0, len(x_cal), b)])
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             b = next(self.batches, None)
@@ -365,7 +374,8 @@ def export_int8(model: str, out: str, *, data: str | os.PathLike, opset: int = 1
         quant_pre_process(str(f32), str(prep), skip_symbolic_shape=True)  # shape inference + fusions first
         quantize_static(str(prep), str(q8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-                        calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=list(INT8_OP_TYPES))
+                        calibrate_method=CalibrationMethod.Percentile, op_types_to_quantize=list(INT8_OP_TYPES),
+                        extra_options={"CalibPercentile": INT8_PERCENTILE})
         proto = onnx.load(str(q8))
     # quantize_static keeps the graph but not ferkit's metadata: copy it over, and say what was done
     src = onnx.load_from_string(float_bytes)
@@ -373,8 +383,9 @@ def export_int8(model: str, out: str, *, data: str | os.PathLike, opset: int = 1
     for p in src.metadata_props:
         proto.metadata_props.add().CopyFrom(p)
     entry = proto.metadata_props.add()
-    entry.key, entry.value = "quantization", (f"int8 static QDQ (onnxruntime {_ort_version()}): per-channel int8 "
-                                              f"weights, uint8 activations, MinMax on {len(x_cal)} training faces")
+    entry.key = "quantization"
+    entry.value = (f"int8 static QDQ (onnxruntime {_ort_version()}): per-channel int8 weights, uint8 activations, "
+                   f"percentile {INT8_PERCENTILE} on {len(x_cal)} training faces")
     proto.producer_name, proto.doc_string = "ferkit", src.doc_string + " (int8)"
     int8_bytes = proto.SerializeToString()
 

@@ -17,6 +17,7 @@ the torch-free install runs) and :func:`export_int8` (static int8 quantisation, 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -372,10 +373,11 @@ def export_int8(model: str, out: str, *, data: str | os.PathLike, opset: int = 1
         f32, prep, q8 = (Path(tmp) / n for n in ("float.onnx", "prep.onnx", "int8.onnx"))
         f32.write_bytes(float_bytes)
         quant_pre_process(str(f32), str(prep), skip_symbolic_shape=True)  # shape inference + fusions first
-        quantize_static(str(prep), str(q8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-                        calibrate_method=CalibrationMethod.Percentile, op_types_to_quantize=list(INT8_OP_TYPES),
-                        extra_options={"CalibPercentile": INT8_PERCENTILE})
+        with contextlib.redirect_stdout(io.StringIO()):  # the calibrator prints its progress to stdout
+            quantize_static(str(prep), str(q8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                            calibrate_method=CalibrationMethod.Percentile, op_types_to_quantize=list(INT8_OP_TYPES),
+                            extra_options={"CalibPercentile": INT8_PERCENTILE})
         proto = onnx.load(str(q8))
     # quantize_static keeps the graph but not ferkit's metadata: copy it over, and say what was done
     src = onnx.load_from_string(float_bytes)

@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--format", default="table", choices=["table", "json", "jsonl", "csv"])
     pr.add_argument("--save-annotated", metavar="DIR")
     pr.add_argument("--no-detect", action="store_true",
-                    help="classify each whole image as one face (the only mode that reports a face without a detection)")
+                    help="classify each whole image as one face (the only mode with faces the detector did not find)")
     pr.add_argument("--detector", default="yunet")
     pr.add_argument("--min-det-score", type=float, default=None, metavar="S",
                     help="drop faces whose detector confidence (det_score) is below S (0..1; YuNet keeps >= 0.6)")
@@ -475,9 +475,8 @@ def _error(message: str) -> None:
 
 def _os_error_message(e: OSError) -> str:
     """``PATH: permission denied`` rather than ``[Errno 13] Permission denied: 'PATH'``."""
-    what = (e.strerror or type(e).__name__).lower() if e.strerror else str(e)
-    where = e.filename if e.filename is not None else None
-    return f"{where}: {what}" if where is not None else what
+    what = e.strerror.lower() if e.strerror else str(e)
+    return f"{e.filename}: {what}" if e.filename is not None else what
 
 
 def _broken_pipe() -> int:

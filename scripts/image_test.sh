@@ -33,6 +33,8 @@ size=$($PODMAN image inspect --format '{{.Size}}' "$IMAGE")
 
 cleanup() { $PODMAN rm -f -t 10 "$NAME" >/dev/null 2>&1 || true; }
 trap cleanup EXIT
+# Without systemd (this sandbox) podman cannot schedule the periodic health check and says so; `podman healthcheck
+# run` below runs the image's HEALTHCHECK command itself.
 $PODMAN run -d --name "$NAME" -p "127.0.0.1:$PORT:8000" -e FERKIT_SERVE_WORKERS=1 "$IMAGE" >/dev/null
 [ "$($PODMAN exec "$NAME" id -u)" != 0 ] || { echo "image-test: the server runs as root" >&2; exit 1; }
 for _ in $(seq 1 90); do

@@ -124,6 +124,7 @@ def measure(path: Path, meta: ModelMeta, data: Path) -> dict[str, Any]:
 
     m, probs, labels = evaluate_models([str(path)], data=str(data), split="validation", return_probs=True)
     flip = evaluate_models([str(path)], data=str(data), split="validation", tta="flip")
+    tencrop = evaluate_models([str(path)], data=str(data), split="validation", tta="tencrop")
     rec = Recognizer(model=str(path), backend="onnx" if _has_onnxruntime() else "torch")
     faces, y = validation_faces(meta, data)
     robust = {}
@@ -139,6 +140,7 @@ def measure(path: Path, meta: ModelMeta, data: Path) -> dict[str, Any]:
     return {
         "validation": m,
         "accuracy_tta_flip": flip["accuracy"],
+        "accuracy_tta_tencrop": tencrop["accuracy"],
         "selective": [selective(probs, labels, p) for p in MIN_SCORES],
         "coverage_curve": {"coverage": curve["coverage"][::10], "accuracy": curve["accuracy"][::10]},
         "robustness_validation": robust,
@@ -202,7 +204,9 @@ def card_text(name: str, meta: ModelMeta, params: int, size_mb: float, r: dict[s
         "classes) |",
         f"| recipe | {recipe} |",
         f"| validation (FER2013 PublicTest, n={v['n']}) | accuracy **{pct(v['accuracy'])}** (macro-F1 "
-        f"{pct(v['macro_f1'])}); with flip TTA {pct(r['accuracy_tta_flip'])} |",
+        f"{pct(v['macro_f1'])}); with flip TTA {pct(r['accuracy_tta_flip'])}, ten-crop TTA "
+        f"{pct(r['accuracy_tta_tencrop'])} (TTA is an `evaluate --tta` option, not applied by the Recognizer) |",
+        f"| tier | {meta.metrics.get('tier', 'fast')} |",
         f"| calibration | {cal['method']}, fitted on `validation`: ECE **{cal['after_cross_fit']['ece']:.4f}** "
         f"(cross-fitted; {cal['before']['ece']:.4f} before), 15 equal-width bins |",
         f"| suggested `min_score` | **{min_score:g}** (keeps "
@@ -342,10 +346,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data", default=str(DATA / "fer2013"), help="FER2013 root with validation/ (default %(default)s)")
     ap.add_argument("--command", default="", help="the command that trained it (default: kept from the old card)")
     ap.add_argument("--note", default="", help="a paragraph on how it was trained (default: kept from the old card)")
+    ap.add_argument("--tier", default=None, choices=["fast", "large"],
+                    help="fast (>= 3,000 faces/s) or large (the accurate tier); default: large for NAME-large")
     ap.add_argument("--no-onnx", action="store_true", help="do not write the ONNX sibling")
     ap.add_argument("--to", default=str(WEIGHTS_DIR), help="where bundled models live (default: the package's)")
     ap.add_argument("--cards", default=str(CARDS), help="where the card's plots and JSON go (default %(default)s)")
     a = ap.parse_args(argv)
+    a.tier = a.tier or ("large" if a.name.endswith("-large") else "fast")
     cards = Path(a.cards)
 
     from ferkit.evaluate import model_logits
@@ -385,7 +392,8 @@ def main(argv: list[str] | None = None) -> None:
     v = r["validation"]
     min_score = suggest(r["selective"])
     metrics.update({"val_split": "validation", "accuracy": v["accuracy"], "macro_f1": v["macro_f1"], "n": v["n"],
-                    "accuracy_tta_flip": r["accuracy_tta_flip"], "ece": cal["after_cross_fit"]["ece"],
+                    "accuracy_tta_flip": r["accuracy_tta_flip"], "accuracy_tta_tencrop": r["accuracy_tta_tencrop"],
+                    "tier": a.tier, "ece": cal["after_cross_fit"]["ece"],
                     "suggested_min_score": min_score,
                     "faces_per_second": round(r["faces_per_second"])})
     meta = dataclasses.replace(meta, metrics=metrics)

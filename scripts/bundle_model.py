@@ -47,6 +47,7 @@ def copy_weights(src: Path, dst: Path, meta: ModelMeta) -> None:
                                          for k in tensors):
         tmp.unlink(missing_ok=True)
         raise SystemExit(f"{dst}: copied weights differ from {src}; nothing written")
+    os.chmod(tmp, 0o644)  # package data: readable by everyone who installs it, whatever the source file's mode
     os.replace(tmp, dst)
 
 

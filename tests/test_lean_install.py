@@ -19,6 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 WILD = ROOT.parent / "shared" / "data" / "wild-dev"
 #: The issue's ceiling for the wheel with every bundled model.
 MAX_WHEEL_MB = 100
+#: No bytecode compilation at install: it was most of the install's CPU time (scipy, OpenCV, onnxruntime, ...), and
+#: the few modules these tests import compile when first imported.
+PIP_INSTALL = ["-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-compile"]
 
 
 def _run(cmd: list[str], timeout: float = 600, **kw: object) -> subprocess.CompletedProcess:
@@ -46,7 +49,7 @@ def lean_venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     venv = tmp_path_factory.mktemp("lean-venv")
     t = time.perf_counter()
     _run([sys.executable, "-m", "venv", str(venv)])
-    _run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check", str(wheel)])
+    _run([str(venv / "bin" / "python"), *PIP_INSTALL, str(wheel)])
     print(f"installed the lean wheel in {time.perf_counter() - t:.1f} s")
     return venv
 
@@ -121,8 +124,7 @@ def test_serve_extra_stays_torch_free_and_serves(lean_venv: Path, wheel: Path, t
     photo = min((WILD / "happy").glob("*.jpg"), default=None)
     if photo is None:
         pytest.skip(f"wild-dev photos not found under {WILD}")
-    _run([str(lean_venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-          f"{wheel}[serve]"], env=_env())
+    _run([str(lean_venv / "bin" / "python"), *PIP_INSTALL, f"{wheel}[serve]"], env=_env())
     assert not _importable(lean_venv, "torch")
     with running_server("fer3", tmp_path / "serve.log", python=lean_venv / "bin" / "python",
                         env={"VIRTUAL_ENV": ""}) as (url, _proc):

@@ -233,3 +233,21 @@ def test_int8_needs_data(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["export", "--model", "fer3", "--int8", "--out", str(tmp_path / "x.onnx")]) != 0
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--int8 needs --data" in err
+
+
+def test_model_without_sibling_and_without_torch_says_what_to_do(exported: tuple[Path, Path, dict], tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """In the torch-free install a user's .safetensors model with no ONNX beside it cannot be converted: one line
+    that says how to get the ONNX file."""
+    import shutil
+    import sys
+
+    from ferkit.infer.runtime import make_runtime
+
+    model, _, _ = exported
+    shutil.copy(model, tmp_path / "model.safetensors")
+    monkeypatch.setenv("FERKIT_CACHE_DIR", str(tmp_path / "empty-cache"))
+    monkeypatch.setitem(sys.modules, "ferkit.export", None)  # `from ferkit import export` fails as without torch
+    with pytest.raises(ImportError, match="no current ONNX file beside it.*ferkit export --model") as info:
+        make_runtime(tmp_path)
+    assert "\n" not in str(info.value)

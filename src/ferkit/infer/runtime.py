@@ -321,7 +321,9 @@ def _onnx_for(path: Path, meta: ModelMeta) -> Runtime:
             cached.unlink(missing_ok=True)
 
     try:
-        from ferkit import export
+        import importlib
+
+        export = importlib.import_module("ferkit.export")  # needs torch
     except ImportError as e:
         raise ImportError(f"{path}: no current ONNX file beside it, and converting one needs torch ({e}); or "
                           f"export it where torch is installed: ferkit export --model {path} --format onnx") from None

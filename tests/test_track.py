@@ -362,3 +362,22 @@ def test_progress_bar_on_a_terminal_only(tmp_path: Path, clips: dict[str, Path],
     assert sources.progress_enabled() and not sources.progress_enabled(quiet=True)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
     assert not sources.progress_enabled()
+
+
+def test_yunet_without_the_per_call_leak(clips: dict[str, Path]) -> None:
+    """yuface.c_detect leaks its 36 KB result buffer on every call (RSS grew 130 MB over a 10-minute video): ferkit
+    calls the same library function with a kept buffer; same faces, same numbers."""
+    import cv2
+    import yuface
+
+    from ferkit.infer.detect import get_detector
+
+    det = get_detector("yunet")
+    assert det._c_detect is not yuface.c_detect
+    cap = cv2.VideoCapture(str(clips["cross"]))
+    for _ in range(3):
+        ok, frame = cap.read()
+        small = np.ascontiguousarray(cv2.resize(frame, (400, 300)))
+        assert np.array_equal(det._c_detect(small), yuface.c_detect(small))
+    cap.release()
+    assert len(det._c_detect(small)) == 2

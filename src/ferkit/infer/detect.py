@@ -207,11 +207,14 @@ class Detector:
             side = min(longest, max(self.max_side, min(self.large_side, round(longest * self.large_fraction))))
         return max(side, self.min_side)
 
-    def detect(self, image: np.ndarray) -> list[Detection]:
+    def detect(self, image: np.ndarray, *, source_size: tuple[int, int] | None = None) -> list[Detection]:
         """Find faces.
 
         Args:
             image: uint8 array, H×W×3 RGB or H×W gray (H×W×1 and H×W×4 are accepted too).
+            source_size: ``(width, height)`` of the full image when ``image`` is a reduced decode of it (a large JPEG
+                read at 1/2, see ``ferkit.images.read_image``): the working size is chosen for the full image, so it
+                is searched as it would be at full size. Boxes stay in ``image``'s pixels.
 
         Returns:
             Faces in ``image``'s pixel coordinates, clipped to the image, largest area first; ``[]`` when none.
@@ -222,7 +225,9 @@ class Detector:
         rgb = _as_rgb(image)
         height, width = rgb.shape[:2]
         longest = max(height, width)
-        side = self.working_side(width, height)
+        side = self.working_side(*(source_size or (width, height)))
+        if source_size is not None:  # never past the image's own size (beyond min_side), as for a full decode
+            side = min(side, max(longest, self.min_side))
         base_side = max(min(longest, self.max_side), self.min_side)
         base = self._scaled(rgb, base_side)
         faces = self._look(base, width, height, self.pad)
@@ -421,7 +426,7 @@ class YuNetDetector(Detector):
             import yuface
         except ImportError as e:
             raise ImportError(f"the 'yunet' face detector needs yuface: pip install yuface ({e})") from e
-        self._c_detect = yuface.c_detect
+        self._c_detect = _buffered_c_detect(yuface.__file__) or yuface.c_detect
         self.threshold = threshold
         self.threads = threads
         self._omp_set_num_threads = _find_omp_set_num_threads(yuface.__file__)
@@ -436,6 +441,41 @@ class YuNetDetector(Detector):
         res = out[:, [1, 2, 3, 4, 0]].astype(np.float64)
         res[:, 4] /= 100.0
         return res
+
+
+def _buffered_c_detect(module_file: str) -> Callable[[np.ndarray], np.ndarray] | None:
+    """libfacedetection's ``facedetect_cnn`` called through ctypes with one reusable result buffer per thread.
+
+    ``yuface.c_detect`` mallocs the library's 36,864-byte result buffer (``DETECT_BUFFER_SIZE``) on every call and
+    never frees it: RSS grew 7 MB per 200 frames, 130 MB over a 10-minute video tracked every 5th frame
+    (``benchmarks/video_speed.py``), and a server leaked 36 KB per request. This calls the same function in the same
+    library (same results, and ctypes releases the GIL too) with a buffer that is kept. None when the library or its
+    symbol is not found (then ``yuface.c_detect`` is used as it is).
+    """
+    import ctypes
+    from pathlib import Path
+
+    try:
+        lib = ctypes.CDLL(str(Path(module_file).parent / "libfacedetection.so"))
+        fn = lib._Z14facedetect_cnnPhS_iii  # int* facedetect_cnn(uchar* buf, uchar* bgr, int w, int h, int step)
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.POINTER(ctypes.c_int)
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    local = threading.local()
+
+    def c_detect(bgr: np.ndarray) -> np.ndarray:
+        buf = getattr(local, "buf", None)
+        if buf is None:
+            buf = local.buf = np.zeros(0x9000, np.uint8)
+        bgr = np.ascontiguousarray(bgr)
+        h, w = bgr.shape[:2]
+        res = fn(buf.ctypes.data, bgr.ctypes.data, w, h, w * 3)
+        n = res[0] if res else 0
+        # the buffer holds the face count (int32), then 16 int16 per face: score, x, y, w, h, 10 landmark coordinates
+        return np.frombuffer(buf, np.int16, count=16 * n, offset=4).reshape(n, 16).copy()
+
+    return c_detect
 
 
 def _find_omp_set_num_threads(module_file: str) -> Callable[[int], None] | None:
@@ -499,7 +539,7 @@ class MTCNNDetector(Detector):
 class WholeImageDetector(Detector):
     """Pseudo-detector for inputs that are already face crops (``--no-detect``): the whole image, score 1.0."""
 
-    def detect(self, image: np.ndarray) -> list[Detection]:
+    def detect(self, image: np.ndarray, *, source_size: tuple[int, int] | None = None) -> list[Detection]:
         """Return the whole image as one face (the input is validated like any detector's)."""
         height, width = _as_rgb(image).shape[:2]
         return [Detection(0, 0, width, height, 1.0)]

@@ -378,6 +378,7 @@ def test_yunet_without_the_per_call_leak(clips: dict[str, Path]) -> None:
     for _ in range(3):
         ok, frame = cap.read()
         small = np.ascontiguousarray(cv2.resize(frame, (400, 300)))
-        assert np.array_equal(det._c_detect(small), yuface.c_detect(small))
+        # column 15 is unused padding (uninitialised in yuface's fresh buffer)
+        assert np.array_equal(det._c_detect(small)[:, :15], yuface.c_detect(small)[:, :15])
     cap.release()
     assert len(det._c_detect(small)) == 2

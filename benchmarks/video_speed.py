@@ -167,9 +167,9 @@ def id_switches(d: Path) -> dict[str, Any]:
     return out
 
 
-def rss_curve(clip: Path, out: Path) -> dict[str, Any]:
+def rss_curve(clip: Path, out: Path, every: int) -> dict[str, Any]:
     """Run ``ferkit track`` on ``clip``; sample its RSS (MiB) each second."""
-    cmd = [sys.executable, "-m", "ferkit", "track", str(clip), "--out", str(out), "--quiet"]
+    cmd = [sys.executable, "-m", "ferkit", "track", str(clip), "--out", str(out), "--quiet", "--every", str(every)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     samples: list[tuple[float, float]] = []
@@ -197,6 +197,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=20.0, help="length of the speed clip")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--long-every", type=int, default=1,
+                    help="--every for the long clip (every frame is still decoded; fewer are tracked)")
     ap.add_argument("--long-minutes", type=float, default=10.0,
                     help="length of the RSS clip (0: skip, keeping the long-video result already in the JSON)")
     args = ap.parse_args()
@@ -215,7 +217,8 @@ def main() -> None:
         if args.long_minutes > 0:
             secs = args.long_minutes * 60
             lclip = write_clip(d / "long.mp4", actors(secs), secs, FPS)
-            long = {"minutes": args.long_minutes, "frames": int(secs * FPS), **rss_curve(lclip, d / "out")}
+            long = {"minutes": args.long_minutes, "frames": int(secs * FPS), "every": args.long_every,
+                    **rss_curve(lclip, d / "out", args.long_every)}
             lclip.unlink()
 
     res = {

@@ -1,4 +1,5 @@
-"""Reading images safely: any format Pillow reads, any mode, EXIF-rotated, with a pixel limit."""
+"""Reading images safely: any format Pillow reads, any mode, EXIF-rotated, with a pixel limit; large JPEGs at
+reduced size when the caller does not need every pixel (:func:`read_image`)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import io
 import logging
 import os
 import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Union
 
 import numpy as np
@@ -28,6 +30,12 @@ IMAGE_SUFFIXES = frozenset({
 #: Formats that may hold several frames (animations, multi-page TIFFs): ``ferkit predict`` reads every frame.
 MULTI_FRAME_SUFFIXES = frozenset({".gif", ".tif", ".tiff", ".webp", ".png", ".apng", ".avif", ".avifs"})
 
+#: A reduced-size decode keeps at least this long a side: below it the gain in memory is small (a 3000×2000 photo
+#: is 18 MB as RGB) and the faces of an ordinary photo would lose pixels the classifier uses.
+DRAFT_MIN_SIDE = 1600
+#: The reductions a JPEG decoder can do for free (scaling inside the inverse DCT), largest first.
+_DRAFT_FACTORS = (8, 4, 2)
+
 ImageInput = Union[str, os.PathLike, bytes, bytearray, np.ndarray, Image.Image]
 
 
@@ -35,7 +43,10 @@ def is_image_path(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
 
-def _open(source: str | os.PathLike | bytes | bytearray, name: str, max_pixels: int) -> Image.Image:
+def _open(source: str | os.PathLike | bytes | bytearray, name: str, max_pixels: int,
+          draft: Callable[[Image.Image], int] | None = None) -> tuple[Image.Image, int]:
+    """Open and decode ``source``; ``(image, reduction)``. The pixel limit is checked on the size the header
+    declares, before any decoding; ``draft(im)`` may then choose a reduction (1, 2, 4, 8) to decode a JPEG at."""
     if isinstance(source, (bytes, bytearray)):
         if len(source) == 0:
             raise ImageError(f"{name}: empty data (0 bytes)")
@@ -67,11 +78,22 @@ def _open(source: str | os.PathLike | bytes | bytearray, name: str, max_pixels: 
     w, h = im.size
     if w * h > max_pixels:
         raise ImageTooLargeError(f"{name}: image too large ({w}×{h} = {w * h:,} pixels; the limit is {max_pixels:,})")
+    reduction = 1
+    if draft is not None and im.format == "JPEG":
+        k = draft(im)
+        if k > 1:
+            try:
+                # The decoder scales inside its inverse DCT: a 1/k decode needs 1/k² of the memory and less time.
+                got = im.draft(im.mode, (max(1, w // k), max(1, h // k)))
+                if got is not None:
+                    reduction = max(1, round(w / got[1][2]))
+            except Exception:  # a JPEG the decoder cannot scale (unusual tiling) is decoded in full
+                reduction = 1
     try:
         im.load()
     except Exception as e:
         raise ImageError(f"{name}: corrupt or truncated image ({e})") from None
-    return im
+    return im, reduction
 
 
 def to_rgb_or_gray(im: Image.Image, name: str = "image") -> Image.Image:
@@ -120,16 +142,71 @@ def load_image(source: ImageInput, *, name: str | None = None, max_pixels: int =
         if source.size[0] * source.size[1] > max_pixels:
             raise ImageTooLargeError(f"{label}: image too large ({source.size[0]}×{source.size[1]})")
         return np.asarray(to_rgb_or_gray(source, label))
+    return read_image(source, name=name, max_pixels=max_pixels).image
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """An image read from a file or bytes by :func:`read_image`.
+
+    Attributes:
+        image: uint8 H×W or H×W×3 RGB, EXIF rotation applied; ``reduction`` times smaller than ``size`` per side.
+        size: ``(width, height)`` of the full image (after EXIF rotation): the pixels boxes are reported in.
+        reduction: 1, or 2, 4, 8 for a JPEG decoded at reduced size (pixel ``(x, y)`` of ``image`` covers
+            ``(x·k … x·k + k-1, y·k … y·k + k-1)`` of the full image).
+        frames: how many frames the file holds (animations, multi-page TIFFs); only the first is in ``image``.
+    """
+
+    image: np.ndarray
+    size: tuple[int, int]
+    reduction: int = 1
+    frames: int = 1
+
+
+def draft_reduction(width: int, height: int, need_side: int) -> int:
+    """The largest JPEG reduction (8, 4, 2, else 1) that keeps the longest side at ``need_side`` and
+    ``DRAFT_MIN_SIDE`` pixels or more: a 4000×3000 photo that a detector reads at 1600 px decodes at 1/2."""
+    longest = max(width, height)
+    floor = max(int(need_side), DRAFT_MIN_SIDE)
+    return next((k for k in _DRAFT_FACTORS if -(-longest // k) >= floor), 1)
+
+
+def read_image(source: str | os.PathLike | bytes | bytearray, *, name: str | None = None,
+               max_pixels: int = MAX_PIXELS, need_side: Callable[[int, int], int] | None = None) -> Decoded:
+    """Read a file or encoded bytes like :func:`load_image`, and say at which size and how many frames.
+
+    Args:
+        need_side: ``need_side(width, height)`` → the longest side the caller will look at for a full image of
+            that size (after EXIF rotation); a JPEG is then decoded at the largest reduction that keeps it (see
+            :func:`draft_reduction`). None decodes every pixel. The pixel limit applies to the full size either way.
+
+    Raises:
+        ImageError: one line naming the input and what is wrong with it.
+    """
     if isinstance(source, (bytes, bytearray)):
         label = name or "uploaded bytes"
     elif isinstance(source, (str, os.PathLike)):
         label = name or str(source)
     else:
         raise ImageError(f"{name or type(source).__name__}: unsupported input type {type(source).__name__}")
-    im = _open(source, label, max_pixels)
+    turned = False
+    declared = (0, 0)
+
+    def draft(im: Image.Image) -> int:
+        nonlocal turned, declared
+        w, h = declared = im.size
+        try:  # orientations 5-8 swap width and height (ImageOps.exif_transpose reads the same tag)
+            turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+        except Exception:
+            turned = False
+        if turned:
+            w, h = h, w
+        return draft_reduction(w, h, need_side(w, h)) if need_side is not None else 1
+
+    im, reduction = _open(source, label, max_pixels, draft if need_side is not None else None)
     n = frame_count(im)
     if n > 1:
-        # The API returns one array; `ferkit predict` reads every frame (see iter_frames).
+        # One array comes back; `ferkit predict` reads every frame (see iter_frames), Recognizer.predict says so.
         log.warning("%s: %d frames (animation or multi-page file); only the first was read", label, n)
         im.seek(0)
     try:
@@ -138,7 +215,13 @@ def load_image(source: ImageInput, *, name: str | None = None, max_pixels: int =
         raise ImageError(f"{label}: cannot decode image ({e})") from None
     if arr.ndim < 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
         raise ImageError(f"{label}: image has no pixels")
-    return np.ascontiguousarray(arr)
+    size = (int(arr.shape[1]), int(arr.shape[0]))
+    if reduction > 1:
+        # The full size is the header's, turned as the EXIF rotation turned the decoded image.
+        w0, h0 = declared
+        upright = (-(-w0 // reduction), -(-h0 // reduction))
+        size = (w0, h0) if size == upright and not (upright[0] == upright[1] and turned) else (h0, w0)
+    return Decoded(np.ascontiguousarray(arr), size, reduction, n)
 
 
 def frame_count(im: Image.Image) -> int:
@@ -158,7 +241,7 @@ def iter_frames(path: str | os.PathLike, *, name: str | None = None,
         ImageError: the file cannot be read (a frame that fails to decode ends the iteration with this error).
     """
     label = name or str(path)
-    im = _open(path, label, max_pixels)
+    im, _ = _open(path, label, max_pixels)
     n = frame_count(im)
     for i in range(n):
         try:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ferkit.errors import ConfigError, ImageError, ImageTooSmallError
-from ferkit.images import ImageInput, load_image, resize_face
+from ferkit.images import Decoded, ImageInput, load_image, read_image, resize_face
 from ferkit.infer.detect import DEFAULT_DETECTOR, Detection, Detector, WholeImageDetector, get_detector
 from ferkit.infer.results import CROP_MARGIN, Face, Results, crop_box, draw_faces
 from ferkit.infer.runtime import Runtime, make_runtime, prefer_passive_openmp
@@ -117,10 +117,11 @@ class Recognizer:
         Raises:
             ImageError: one of the images cannot be read (nothing is returned for the others).
         """
-        arrays, paths = [], []
+        arrays: list[np.ndarray | Decoded] = []
+        paths = []
         for i, src in enumerate(images):
             path = os.fspath(src) if isinstance(src, (str, os.PathLike)) else None
-            arrays.append(self.load(src, name=path or (f"image {i}" if len(images) > 1 else None)))
+            arrays.append(self.read(src, name=path or (f"image {i}" if len(images) > 1 else None)))
             paths.append(path)
         return self.predict_arrays(arrays, paths, detect=detect)
 
@@ -203,19 +204,47 @@ class Recognizer:
         arr = load_image(source, name=name) if max_pixels is None else load_image(source, name=name,
                                                                                     max_pixels=max_pixels)
         h, w = arr.shape[:2]
+        Recognizer._check_size(w, h, name, source)
+        return arr
+
+    @staticmethod
+    def _check_size(w: int, h: int, name: str | None, source: object) -> None:
         if min(h, w) < MIN_IMAGE_SIDE:
             label = name or (os.fspath(source) if isinstance(source, (str, os.PathLike)) else "image")
             raise ImageTooSmallError(f"{label}: image too small ({w}×{h} pixels; a face needs at least "
                              f"{MIN_IMAGE_SIDE}×{MIN_IMAGE_SIDE})")
-        return arr
+
+    def read(self, source: ImageInput, name: str | None = None, *,
+             max_pixels: int | None = None) -> np.ndarray | Decoded:
+        """Like :meth:`load`, but a file or bytes holding a large JPEG is decoded at the largest reduction (1/2,
+        1/4, 1/8) that keeps the size this recognizer's detector works at (a 4000×3000 photo at 2000×1500: a
+        quarter of the memory); also says how many frames the file holds. :meth:`predict_arrays` takes the result
+        and reports boxes in the full image's pixels. Arrays and PIL images come back as :meth:`load` gives them.
+
+        Raises:
+            ImageTooLargeError: over ``max_pixels`` (the full size the header declares, checked before decoding).
+            ImageTooSmallError, ImageError: as for :meth:`load`.
+        """
+        if not isinstance(source, (str, os.PathLike, bytes, bytearray)):
+            return self.load(source, name, max_pixels=max_pixels)
+        need = getattr(self.detector, "working_side", None)  # a detector without it: every pixel decoded
+        kw = {} if max_pixels is None else {"max_pixels": max_pixels}
+        dec = read_image(source, name=name, need_side=need, **kw)  # type: ignore[arg-type]
+        self._check_size(dec.size[0], dec.size[1], name, source)
+        return dec
 
     def detect(self, image: np.ndarray) -> list[tuple[int, int, int, int]]:
         """Face boxes ``(x, y, w, h)`` in a loaded image, largest first."""
         return [d.box for d in self.detections(image)]
 
-    def detections(self, image: np.ndarray) -> list[Detection]:
-        """The detector's faces in a loaded image (box and ``det_score``), largest first, ``min_det_score`` applied."""
-        found = self.detector.detect(image)
+    def detections(self, image: np.ndarray, source_size: tuple[int, int] | None = None) -> list[Detection]:
+        """The detector's faces in a loaded image (box and ``det_score``), largest first, ``min_det_score`` applied.
+
+        ``source_size``: the full image's ``(width, height)`` when ``image`` is a reduced decode of it (boxes stay
+        in ``image``'s pixels).
+        """
+        found = (self.detector.detect(image) if source_size is None
+                 else self.detector.detect(image, source_size=source_size))
         if self.min_det_score is not None:
             found = [d for d in found if d.det_score >= self.min_det_score]
         return found
@@ -235,28 +264,34 @@ class Recognizer:
             out[i] = resize_face(gray[y0:y1, x0:x1], s)
         return out
 
-    def predict_arrays(self, images: Sequence[np.ndarray], paths: Sequence[str | None] | None = None, *,
+    def predict_arrays(self, images: Sequence[np.ndarray | Decoded], paths: Sequence[str | None] | None = None, *,
                        detect: bool = True, keep_images: bool = True) -> list[Results]:
-        """Recognise faces in already loaded images (uint8 H×W or H×W×3 RGB), one classifier call for all faces."""
+        """Recognise faces in already loaded images (uint8 H×W or H×W×3 RGB, or :meth:`read`'s results), one
+        classifier call for all faces. Boxes are in the full image's pixels (a reduced decode's are scaled up)."""
         paths = list(paths) if paths is not None else [None] * len(images)
+        decoded = [d if isinstance(d, Decoded) else Decoded(d, (int(d.shape[1]), int(d.shape[0]))) for d in images]
         all_boxes: list[list[tuple[int, int, int, int]]] = []
         all_crops = []
         all_scores: list[list[float | None]] = []
         # No detector ran (--no-detect, the "whole" pseudo-detector): no confidence to report.
         whole = not detect or isinstance(self.detector, WholeImageDetector)
-        for img in images:
-            found = self.detections(img) if detect else [Detection(0, 0, img.shape[1], img.shape[0], 1.0)]
+        for dec in decoded:
+            img = dec.image
+            found = (self.detections(img, dec.size if dec.reduction > 1 else None) if detect
+                     else [Detection(0, 0, img.shape[1], img.shape[0], 1.0)])
             boxes = [d.box for d in found]
-            all_boxes.append(boxes)
-            all_scores.append([None if whole else d.det_score for d in found])
+            # crops come from the decoded pixels, boxes are reported in the full image's
             all_crops.append(self.crops(img, boxes))
+            all_boxes.append([_full_box(b, dec) for b in boxes] if dec.reduction > 1 else boxes)
+            all_scores.append([None if whole else d.det_score for d in found])
         probs = self._classify_faces(np.concatenate(all_crops) if all_crops else
                                      np.zeros((0, self.meta.input_size, self.meta.input_size), np.uint8))
         out, k = [], 0
-        for img, path, boxes, dets in zip(images, paths, all_boxes, all_scores):
+        for dec, path, boxes, dets in zip(decoded, paths, all_boxes, all_scores):
             faces = [self._face(b, probs[k + j], dets[j]) for j, b in enumerate(boxes)]
             k += len(boxes)
-            out.append(Results(faces, img if keep_images else None, path))
+            out.append(Results(faces, dec.image if keep_images else None, path, size=dec.size,
+                               frames_total=dec.frames if dec.frames > 1 else None))
         return out
 
     # -- internals ---------------------------------------------------------------------------------------------------
@@ -278,3 +313,12 @@ class Recognizer:
         for i in range(0, len(faces), MAX_CLASSIFY_BATCH):
             out.append(self.runtime.probs(pre.numpy(faces[i:i + MAX_CLASSIFY_BATCH])))
         return np.concatenate(out).astype(np.float32, copy=False)
+
+
+def _full_box(box: tuple[int, int, int, int], dec: Decoded) -> tuple[int, int, int, int]:
+    """A box in a reduced decode's pixels → the full image's (pixel ``x`` covers ``x·k … x·k + k-1``), clipped."""
+    k = dec.reduction
+    W, H = dec.size
+    x0, y0 = min(box[0] * k, W - 1), min(box[1] * k, H - 1)
+    x1, y1 = min((box[0] + box[2]) * k, W), min((box[1] + box[3]) * k, H)
+    return (x0, y0, max(1, x1 - x0), max(1, y1 - y0))

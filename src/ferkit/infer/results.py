@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -86,11 +86,16 @@ class Results:
     """The faces found in one image; behaves as a list of :class:`Face`.
 
     Attributes:
-        faces: the faces, largest first.
-        image: the image the boxes refer to (uint8 H×W×3 RGB or H×W gray), or None when not kept.
+        faces: the faces, largest first; boxes in pixels of the full image (``size``).
+        image: the decoded image (uint8 H×W×3 RGB or H×W gray), or None when not kept. A large JPEG read from a
+            file or bytes is decoded at reduced size (``ferkit.images.read_image``): then ``image`` is smaller than
+            ``size`` (``image_scale`` < 1) and ``plot()`` draws the boxes scaled down to it.
         path: the file the image came from, or None.
         frame: in videos, the frame's index (from 0); None for photos.
         time: in videos, the frame's time in seconds; None for photos (or when the video has no frame rate).
+        size: ``(width, height)`` of the full image the boxes refer to (default: the image's own size).
+        frames_total: the file's frame count when it holds several (animated GIF, multi-page TIFF) and only the
+            first was read (``Recognizer.predict``; ``ferkit predict`` reads them all); None otherwise.
     """
 
     faces: list[Face]
@@ -98,6 +103,19 @@ class Results:
     path: str | None = None
     frame: int | None = None
     time: float | None = None
+    size: tuple[int, int] | None = None
+    frames_total: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.size is None and self.image is not None:
+            self.size = (int(self.image.shape[1]), int(self.image.shape[0]))
+
+    @property
+    def image_scale(self) -> float:
+        """``image`` width / full width: 1.0, or 0.5 (0.25 …) when the image was decoded at reduced size."""
+        if self.image is None or not self.size or not self.size[0]:
+            return 1.0
+        return self.image.shape[1] / self.size[0]
 
     def __len__(self) -> int:
         return len(self.faces)
@@ -113,12 +131,17 @@ class Results:
         return f"Results(path={self.path!r}, image={shape}, faces={self.faces!r})"
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"file": path or None, "faces": [face.to_dict(), ...]}``, with ``"frame"`` and ``"time"`` in videos."""
+        """``{"file": path or None, "faces": [face.to_dict(), ...]}``, with ``"frame"`` and ``"time"`` in videos,
+        and ``"frames_total"`` plus a ``"note"`` when only the first of several frames was read."""
         d: dict[str, Any] = {"file": self.path}
         if self.frame is not None:
             d["frame"] = self.frame
             d["time"] = self.time
         d["faces"] = [f.to_dict() for f in self.faces]
+        if self.frames_total is not None and self.frames_total > 1:
+            d["frames_total"] = int(self.frames_total)
+            d["note"] = (f"only frame 1 of {self.frames_total} was read (ferkit predict reads every frame of "
+                         "animations and multi-page files)")
         return d
 
     def to_json(self, **kwargs: Any) -> str:
@@ -128,12 +151,21 @@ class Results:
     def plot(self) -> np.ndarray:
         """A copy of the image (uint8 H×W×3 RGB) with each face's box, label and score drawn.
 
+        The copy has the decoded image's size: for a large JPEG decoded at reduced size that is smaller than
+        ``size``, and the boxes are drawn scaled to it (where the faces are in it); drawing on an upscaled copy
+        would cost 4× the memory and add no detail.
+
         Raises:
             ValueError: the results do not hold their image.
         """
         if self.image is None:
             raise ValueError("these results do not hold their image (nothing to draw on)")
-        return draw_faces(self.image, self.faces)
+        faces = self.faces
+        if self.size and (self.image.shape[1], self.image.shape[0]) != tuple(self.size):
+            sx, sy = self.image.shape[1] / self.size[0], self.image.shape[0] / self.size[1]
+            faces = [replace(f, box=(round(f.box[0] * sx), round(f.box[1] * sy), max(1, round(f.box[2] * sx)),
+                                     max(1, round(f.box[3] * sy)))) for f in faces]
+        return draw_faces(self.image, faces)
 
 
 def caption(face: Face) -> str:

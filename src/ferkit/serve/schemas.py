@@ -31,7 +31,10 @@ class ImageSize(BaseModel):
 
 
 class Prediction(_Open):
-    """``POST /v1/predict``: the same JSON as ``ferkit predict --format json`` plus the model and the image size."""
+    """``POST /v1/predict``: the same JSON as ``ferkit predict --format json`` plus the model and the image size.
+
+    An upload with several frames (animated GIF, multi-page TIFF) also carries ``frames_total`` and a ``note``
+    saying that only the first frame was read (absent otherwise, like ``frame`` for photos)."""
 
     model: str = Field(description="the model that answered (a bundled name or a file name)")
     classes: list[str]

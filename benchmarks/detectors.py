@@ -12,8 +12,8 @@ Measures, per detector:
     noise, blank and smooth images of 48×48 to 4000×3000): must be 0;
   * crowds: 12-megapixel (4000×3000) group photos tiled with ~108 real wild-dev photos each, every face scaled to
     80-150 px wide; a face is found by a detection with IoU >= 0.3; ``s/photo`` is the median wall time of
-    ``detect`` on one photo, ``e2e s`` of ``Recognizer.predict`` on it saved as a JPEG (decode, detect, classify),
-    with the CPUs this process may use (2 here);
+    ``detect`` on one photo, ``e2e s`` of ``Recognizer.predict`` on it saved as a JPEG (decode, detect, classify;
+    the JPEG is decoded at half size, see ``benchmarks/draft_decode.py``), with the CPUs this process may use;
   * multi-face recall: wild-dev photos pasted 2-4 at a time onto 1280×720 canvases (fixed seed); a pasted photo is
     found when a detection's centre lies inside it (each detection counts once); ``extra`` counts detections that
     match no pasted photo;
@@ -147,16 +147,18 @@ def face_boxes(photos: list[np.ndarray]) -> list[tuple[int, int, int, int] | Non
 
 def compose_crowds(
     photos: list[np.ndarray], boxes: list[tuple[int, int, int, int] | None], n: int, seed: int,
-    width: int = 4000, height: int = 3000, face_px: tuple[int, int] = (80, 150),
+    width: int = 4000, height: int = 3000, face_px: tuple[int, int] = (80, 150), sources: list | None = None,
 ) -> list[tuple[np.ndarray, list[tuple[int, int, int, int]]]]:
     """``n`` group photos of ``width``×``height`` (12 MP) tiled with real wild-dev photos, each scaled so that its
-    face is ``face_px`` wide, placed on a jittered grid without overlap; returns (image, face boxes x, y, w, h)."""
+    face is ``face_px`` wide, placed on a jittered grid without overlap; returns (image, face boxes x, y, w, h).
+    ``sources``, when given, receives per photo the list of the pasted photos' indices (in box order)."""
     rng = np.random.default_rng(seed)
     usable = [i for i, b in enumerate(boxes) if b is not None]
     scenes = []
     for _ in range(n):
         canvas = background(rng, width, height)
         faces: list[tuple[int, int, int, int]] = []
+        used: list[int] = []
         cell = 2 * face_px[1] + 20
         for gy in range(0, height - cell + 1, cell):
             for gx in range(0, width - cell + 1, cell):
@@ -176,7 +178,10 @@ def compose_crowds(
                 y = gy + int(rng.integers(0, cell - h + 1))
                 canvas[y : y + h, x : x + w] = np.asarray(Image.fromarray(photo).resize((w, h), Image.BILINEAR))
                 faces.append((x + round(fx * k), y + round(fy * k), round(fw * k), round(fh * k)))
+                used.append(i)
         scenes.append((canvas, faces))
+        if sources is not None:
+            sources.append(used)
     return scenes
 
 

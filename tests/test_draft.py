@@ -89,6 +89,8 @@ def test_large_jpeg_is_decoded_at_half_size(rec: Recognizer, crowd: tuple) -> No
     dec = rec.read(crowd[0])
     assert isinstance(dec, Decoded) and dec.reduction == 2 and dec.size == (W, H)
     assert dec.image.shape == (H // 2, W // 2, 3) and dec.frames == 1
+    every = Recognizer("fer3", draft=False).read(crowd[0])
+    assert every.reduction == 1 and every.image.shape == (H, W, 3) and every.size == (W, H)
 
 
 @needs_wild

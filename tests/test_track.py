@@ -229,6 +229,11 @@ def test_frame_folder_is_a_video_in_name_order(rec, clips: dict[str, Path]) -> N
     assert [r.time for r in results] == [round(i / 30, 3) for i in range(12)]
     assert [Path(r.path).name for r in results] == [f"img{i:03d}.jpg" for i in range(12)]
     assert {f.track for r in results[1:] for f in r} == {1}
+    numbered = clips["frames"].parent / "numbered"
+    numbered.mkdir(exist_ok=True)
+    for i, n in enumerate((1, 2, 10)):  # name order would put f10 before f2
+        (numbered / f"f{n}.jpg").write_bytes((clips["frames"] / f"img{i:03d}.jpg").read_bytes())
+    assert [Path(r.path).name for r in rec.track(numbered)] == ["f1.jpg", "f2.jpg", "f10.jpg"]
 
 
 def test_rotated_phone_video_comes_out_upright(tmp_path: Path, rec) -> None:

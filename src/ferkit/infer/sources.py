@@ -312,7 +312,8 @@ def read_webcam(index: int, every: int = 1, *, max_frames: int | None = None) ->
 
 def read_frame_folder(folder: str | os.PathLike, every: int = 1, fps: float = DEFAULT_FOLDER_FPS, *,
                       progress: bool = False) -> Iterator[Unit]:
-    """A folder of frames as a video: its images in sorted name order (not recursive), frame ``i`` at ``i / fps``.
+    """A folder of frames as a video: its images in name order (not recursive; numbers in names compared as numbers,
+    so ``f2.png`` comes before ``f10.png``), frame ``i`` at ``i / fps``.
 
     An unreadable image gives an error unit and the sequence goes on.
 
@@ -322,7 +323,7 @@ def read_frame_folder(folder: str | os.PathLike, every: int = 1, fps: float = DE
     from ferkit.infer.recognizer import Recognizer
 
     p = Path(folder)
-    files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted((f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES), key=_natural)
     if not files:
         exts = " ".join(sorted(IMAGE_SUFFIXES))
         raise VideoError(f"{folder}: folder holds no frames (looked for {exts})")
@@ -337,6 +338,14 @@ def read_frame_folder(folder: str | os.PathLike, every: int = 1, fps: float = DE
             bar.update(1)
     finally:
         bar.close()
+
+
+def _natural(path: Path) -> tuple:
+    """Sort key: the name split into text and numbers (``frame10`` after ``frame9``), then the name itself."""
+    import re
+
+    parts = re.split(r"(\d+)", path.name.lower())
+    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in parts), path.name
 
 
 def frames(source: str | os.PathLike | int, every: int = 1, *, fps: float = DEFAULT_FOLDER_FPS,

@@ -104,7 +104,7 @@ class ServeSettings:
     max_video_seconds: float = _opt(120.0, "longer videos get 413 (from the duration the file declares)",
                                     parse=float, metavar="S")
     max_video_jobs: int = _opt(2, "video jobs queued or running at once; more get 503", parse=int, metavar="N")
-    video_job_ttl_s: float = _opt(600.0, "a video job and its result are forgotten this long after it was started",
+    video_job_ttl_s: float = _opt(600.0, "a finished video job and its result are forgotten this long after it ended",
                                   parse=float, metavar="S", flag="--video-job-ttl")
     state_dir: str | None = _opt(
         None, "directory for the state shared by worker processes (metrics, rate limits); default: a fresh "

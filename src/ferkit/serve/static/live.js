@@ -91,15 +91,19 @@
 
   async function loop() {
     const video = $("video");
+    let next = null;  // the next frame is captured and encoded while the server works on this one
     while (running) {
       if (!video.videoWidth) { await new Promise((r) => setTimeout(r, 100)); continue; }
-      const [blob, frame] = await grab(video);
+      const [blob, frame] = await (next || grab(video));
       let resp;
       try {
-        resp = await ferkitAuth.fetch(`/v1/track?session=${session}`, {
+        const sent = ferkitAuth.fetch(`/v1/track?session=${session}`, {
           method: "POST", body: blob, headers: { "Content-Type": "image/jpeg" },
         });
+        next = grab(video);
+        resp = await sent;
       } catch (e) {
+        next = null;
         $("live-stats").textContent = `server unreachable: ${e.message || e}`;
         await new Promise((r) => setTimeout(r, 1000));
         continue;

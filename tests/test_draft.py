@@ -223,3 +223,21 @@ def test_server_says_only_the_first_frame_was_read(client, gif: Path) -> None:
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["frames_total"] == 3 and "only frame 1 of 3" in body["note"] and len(body["faces"]) == 1
+
+
+@needs_wild
+def test_cli_predict_decodes_large_jpegs_at_reduced_size(crowd: tuple, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """`ferkit predict` reads stills like the API: a drafted decode, boxes in the full photo's pixels, and an
+    annotated copy drawn on the decoded image (half size)."""
+    import json
+
+    from ferkit.cli import main
+
+    out = tmp_path / "ann"
+    assert main(["predict", str(crowd[0]), "--format", "json", "--save-annotated", str(out)]) == 0
+    el = json.loads(capsys.readouterr().out)
+    el = el[0] if isinstance(el, list) else el
+    assert _found([tuple(f["box"]) for f in el["faces"]], crowd[1]) >= len(crowd[1]) - 1
+    saved = next(out.rglob("*.jpg"))
+    assert Image.open(saved).size == (W // 2, H // 2)

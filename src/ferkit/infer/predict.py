@@ -141,7 +141,7 @@ def _recognise(rec: Recognizer, jobs: list[tuple[str, Path, str | None]], *, eve
     from ferkit.infer.track import track_units
 
     def untracked(run: list[tuple[str, Path, str | None]]) -> Iterator[tuple[Unit, Results]]:
-        for batch in batches(read_units(run, every, progress=progress), batch_size):
+        for batch in batches(read_units(run, every, progress=progress, reader=rec.read), batch_size):
             good = [u for u in batch if u.image is not None]
             results = iter(rec.predict_arrays([u.image for u in good], [u.file for u in good], detect=not no_detect,
                                               keep_images=keep_images))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,9 +143,16 @@ def _walk(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
     return found, sorted(unreadable)
 
 
-def read_units(jobs: list[tuple[str, Path, str | None]], every: int, *, progress: bool = False) -> Iterator[Unit]:
-    """One :class:`Unit` per image and per sampled video frame of ``jobs`` (from :func:`expand_inputs`), in order."""
+def read_units(jobs: list[tuple[str, Path, str | None]], every: int, *, progress: bool = False,
+               reader: Callable[..., Any] | None = None) -> Iterator[Unit]:
+    """One :class:`Unit` per image and per sampled video frame of ``jobs`` (from :func:`expand_inputs`), in order.
+
+    ``reader(file, name=...)`` reads a still image (default ``Recognizer.load``); ``Recognizer.read`` decodes large
+    JPEGs at reduced size (its result goes to ``predict_arrays`` as it is).
+    """
     from ferkit.infer.recognizer import Recognizer
+
+    read = reader or Recognizer.load
 
     n_images = sum(1 for f, _, e in jobs if e is None and not is_video(Path(f)))
     bar = make_progress(n_images, "images", enabled=progress and n_images >= PROGRESS_MIN_FILES)
@@ -167,7 +174,7 @@ def read_units(jobs: list[tuple[str, Path, str | None]], every: int, *, progress
                         for i, arr in iter_frames(file, name=file):
                             yield Unit(file, save_as, frame=i, image=arr)
                     else:
-                        yield Unit(file, save_as, image=Recognizer.load(file, name=file))
+                        yield Unit(file, save_as, image=read(file, name=file))
                 except ImageError as e:
                     yield Unit(file, save_as, error=_problem(str(e), file))
                 finally:
@@ -413,7 +420,8 @@ def batches(units: Iterator[Unit], batch_size: int) -> Iterator[list[Unit]]:
         batch.append(u)
         if u.image is not None:
             n_images += 1
-            pixels += u.image.shape[0] * u.image.shape[1]
+            img = getattr(u.image, "image", u.image)  # a reduced-size Decoded holds its pixels in .image
+            pixels += img.shape[0] * img.shape[1]
         if n_images >= batch_size or pixels >= MAX_BATCH_PIXELS:
             yield batch
             batch, n_images, pixels = [], 0, 0

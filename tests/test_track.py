@@ -387,3 +387,14 @@ def test_yunet_without_the_per_call_leak(clips: dict[str, Path]) -> None:
         assert np.array_equal(det._c_detect(small)[:, :15], yuface.c_detect(small)[:, :15])
     cap.release()
     assert len(det._c_detect(small)) == 2
+
+
+def test_track_applies_min_det_score(clips: dict[str, Path], tmp_path: Path) -> None:
+    """`ferkit track --min-det-score` filters the detector's faces as predict does: above every face's confidence,
+    nothing is tracked; at 0 the clip's faces are."""
+    rc, _, _ = _track(clips["gap"], tmp_path / "all", min_det_score=0.0)
+    assert rc == 0
+    assert json.loads((tmp_path / "all" / "gap.tracks.json").read_text())["tracks"]
+    rc, _, _ = _track(clips["gap"], tmp_path / "none", min_det_score=1.0)
+    assert rc == 0
+    assert json.loads((tmp_path / "none" / "gap.tracks.json").read_text())["tracks"] == []

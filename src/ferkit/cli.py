@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     tk.add_argument("--smooth", type=float, default=None, metavar="SECONDS",
                     help="time constant of the score smoothing (default 0.5)")
     tk.add_argument("--detector", default="yunet")
+    tk.add_argument("--min-det-score", type=float, default=None, metavar="S",
+                    help="drop faces whose detector confidence (det_score) is below S (0..1)")
+    tk.add_argument("--detect-size", type=int, default=None, metavar="PX",
+                    help="longest side of the frame the face detector sees (default as for predict)")
     tk.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"])
     tk.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -303,7 +307,8 @@ def cmd_track(a: argparse.Namespace) -> int:
     from ferkit.infer.predict import run_track
 
     return run_track(a.inputs, out_dir=a.out, model=a.model, every=a.every, save_video=a.save_video,
-                     detector=a.detector, backend=a.backend, smooth=a.smooth, quiet=a.quiet)
+                     detector=a.detector, backend=a.backend, smooth=a.smooth, quiet=a.quiet,
+                     min_det_score=a.min_det_score, detect_size=a.detect_size)
 
 
 def cmd_explain(a: argparse.Namespace) -> int:

@@ -163,6 +163,7 @@ def _recognise(rec: Recognizer, jobs: list[tuple[str, Path, str | None]], *, eve
 
 def run_track(inputs: list[str], *, out_dir: str = ".", model: str = "fer3", every: int = 1, save_video: bool = False,
               detector: str = "yunet", backend: str = "auto", smooth: float | None = None, quiet: bool = False,
+              min_det_score: float | None = None, detect_size: int | None = None,
               out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Track the faces of videos (or folders of frames) and write, per input, into ``out_dir``:
     ``NAME.frames.csv``, ``NAME.tracks.json``, ``NAME.timeline.png`` and, with ``save_video``, ``NAME.tracked.mp4``.
@@ -200,7 +201,8 @@ def run_track(inputs: list[str], *, out_dir: str = ".", model: str = "fer3", eve
     except OSError as e:
         return fail(f"{out_dir}: cannot create the output folder ({e.strerror or e})", 2)
     try:
-        rec = Recognizer(model, backend=backend, detector=detector)
+        rec = Recognizer(model, backend=backend, detector=detector, min_det_score=min_det_score,
+                         detect_size=detect_size)
     except FerkitError as e:
         return fail(str(e), e.exit_code)
     except ImportError as e:

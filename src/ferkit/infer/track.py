@@ -211,7 +211,7 @@ def _detect_ahead(rec: Recognizer, units: Iterable[Unit]) -> Iterator[tuple[Unit
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ferkit-detect") as pool:
         try:
             for u in units:
-                pending.append((u, None if u.image is None else pool.submit(rec.detector.detect, u.image)))
+                pending.append((u, None if u.image is None else pool.submit(rec.detections, u.image)))
                 if len(pending) > LOOKAHEAD:
                     v, fut = pending.popleft()
                     yield v, [] if fut is None else fut.result()

@@ -175,7 +175,7 @@ def fastcnn_wide(num_classes: int, in_chans: int = 1) -> nn.Module:
     return FastCNN(num_classes, in_chans, widths=(48, 96, 192), stem=24)
 
 
-@register_model("fastcnn_xl", description="fastcnn at 64/128/256 channels (~4× fastcnn's cost): the accurate tier on a CPU")
+@register_model("fastcnn_xl", description="fastcnn at 64/128/256 channels (~4× fastcnn's cost): CPU accurate tier")
 def fastcnn_xl(num_classes: int, in_chans: int = 1) -> nn.Module:
     # Widths are multiples of 64 so the bf16 matrix kernels run full tiles; ~96 M multiply-adds at 48×48.
     return FastCNN(num_classes, in_chans, widths=(64, 128, 256), stem=32, dropout=0.4)

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 ENSEMBLE_PREFIX = "ensemble("
+FLIP_PREFIX = "flip("
 
 
 class Ensemble(nn.Module):
@@ -44,3 +45,34 @@ def ensemble_members(arch: str) -> list[str] | None:
     if not all(members):
         raise ValueError(f"'{arch}': an empty member name")
     return members
+
+
+class FlipTTA(nn.Module):
+    """A network with horizontal-flip test-time augmentation built in: the average of its softmax on the face and on
+    the mirrored face, as log-probabilities (valid logits), like :class:`Ensemble`.
+
+    Its architecture string is ``flip(<arch>)`` and its weights are the network's under ``net.``, so the TTA travels
+    in the model file: the Recognizer, the server, evaluation and the exported ONNX graph all apply it, and its speed
+    counts it (two passes per face).
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # One call on the face and its mirror stacked: the network is traced once (torch.fx's conv+BN fusion would
+        # corrupt a module called twice) and runs one batch of 2N instead of two of N.
+        n = x.shape[0]
+        p = torch.softmax(self.net(torch.cat([x, torch.flip(x, dims=[3])])).float(), dim=1)
+        return torch.log(((p[:n] + p[n:]) / 2).clamp_min(1e-12))
+
+
+def flip_inner(arch: str) -> str | None:
+    """The wrapped architecture of ``flip(<arch>)``, or None if ``arch`` is not one."""
+    if not (arch.startswith(FLIP_PREFIX) and arch.endswith(")")):
+        return None
+    inner = arch[len(FLIP_PREFIX) : -1].strip()
+    if not inner:
+        raise ValueError(f"'{arch}': no architecture inside flip()")
+    return inner

@@ -64,13 +64,19 @@ def create_model(name: str, *, num_classes: int, in_chans: int = 1, pretrained: 
     """Build a network by name.
 
     Args:
-        name: a built-in name from :func:`list_models`, ``timm/<timm model name>``, or ``ensemble(a,b,...)`` of those.
+        name: a built-in name from :func:`list_models`, ``timm/<timm model name>``, ``ensemble(a,b,...)`` of those,
+            or ``flip(a)``: ``a`` with flip test-time augmentation in the model itself.
         num_classes: number of output logits.
         in_chans: 1 for grayscale input, 3 for RGB.
         pretrained: load ImageNet weights (timm backbones only; needs network access the first time).
     """
-    from ferkit.models.ensemble import Ensemble, ensemble_members
+    from ferkit.models.ensemble import Ensemble, FlipTTA, ensemble_members, flip_inner
 
+    inner = flip_inner(name)
+    if inner is not None:  # flip(a): a with flip test-time augmentation built in (see ferkit.models.ensemble)
+        if pretrained:
+            raise ConfigError("flip(...) wraps a trained model; --pretrained does not apply")
+        return FlipTTA(create_model(inner, num_classes=num_classes, in_chans=in_chans))
     members = ensemble_members(name)
     if members is not None:  # ensemble(a,b,...): built from its members' names (see ferkit.models.ensemble)
         if pretrained:

@@ -1,0 +1,63 @@
+"""Flip test-time augmentation carried by the model itself (``flip(<arch>)``): one model file, applied everywhere."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ferkit import Recognizer
+from ferkit.images import load_image
+from ferkit.modelfile import load_model, read_meta
+from ferkit.models import create_model
+
+REPO = Path(__file__).resolve().parents[1]
+VAL = REPO.parent / "shared" / "data" / "fer2013" / "validation"
+needs_data = pytest.mark.skipif(not VAL.is_dir(), reason="../shared/data not present")
+
+
+@pytest.fixture(scope="module")
+def faces() -> np.ndarray:
+    """24 real FER2013 validation faces (uint8 48×48), 8 each of happy, sad and neutral."""
+    files = [f for c in ("happy", "sad", "neutral") for f in sorted((VAL / c).glob("*.jpg"))[:8]]
+    return np.stack([load_image(f) for f in files])
+
+
+@needs_data
+def test_flip_model_averages_the_face_and_its_mirror(faces: np.ndarray) -> None:
+    net, _ = load_model("fer3")
+    wrapped = create_model("flip(fastcnn)", num_classes=3).eval()
+    assert set(wrapped.state_dict()) == {f"net.{k}" for k in net.state_dict()}
+    wrapped.net.load_state_dict(net.state_dict())
+    x = (torch.as_tensor(faces).float()[:, None] / 255 - 0.5) / 0.25
+    with torch.no_grad():
+        want = (torch.softmax(net(x), 1) + torch.softmax(net(x.flip(3)), 1)) / 2
+        torch.testing.assert_close(torch.softmax(wrapped(x), 1), want, atol=1e-6, rtol=1e-5)
+        # a mirrored face gets the same scores (the point of the augmentation), unlike the bare net's
+        torch.testing.assert_close(wrapped(x.flip(3)), wrapped(x), atol=1e-5, rtol=1e-5)
+        assert (torch.softmax(net(x.flip(3)), 1) - torch.softmax(net(x), 1)).abs().max() > 0.01
+
+
+@needs_data
+def test_wrap_script_recognizer_and_onnx_agree(faces: np.ndarray, tmp_path: Path) -> None:
+    """scripts/wrap_flip.py turns a model file into flip(...); torch and onnxruntime give the same TTA scores."""
+    out = tmp_path / "fer3-flip.safetensors"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "wrap_flip.py"), "fer3", str(out)], check=True,
+                   capture_output=True)
+    assert read_meta(out).arch == "flip(fastcnn)"
+    p_torch = Recognizer(str(out), backend="torch").classify(faces)
+    onnx = Recognizer(str(out), backend="onnx")
+    p_onnx = onnx.classify(faces)
+    np.testing.assert_allclose(p_torch, p_onnx, atol=1e-4)
+    np.testing.assert_allclose(onnx.classify(faces[:, :, ::-1].copy()), p_onnx, atol=1e-4)
+    plain = Recognizer("fer3", backend="onnx").classify(faces)
+    assert np.abs(plain - p_onnx).max() > 0.01
+
+
+def test_flip_of_nothing_is_refused() -> None:
+    with pytest.raises(ValueError, match="no architecture inside flip"):
+        create_model("flip()", num_classes=3)

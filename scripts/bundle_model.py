@@ -182,6 +182,15 @@ def pct(v: float) -> str:
     return f"{v * 100:.2f}%"
 
 
+def tta_text(meta: ModelMeta, r: dict[str, Any]) -> str:
+    """What the card says about test-time augmentation: built into a flip(...) model, else an evaluate option."""
+    if meta.arch.startswith("flip("):
+        return ("flip TTA is built into the model (architecture `flip(...)`): the Recognizer, the server and the ONNX "
+                f"graph apply it, and the speed below counts it; with ten-crop TTA instead {pct(r['accuracy_tta_tencrop'])}")
+    return (f"with flip TTA {pct(r['accuracy_tta_flip'])}, ten-crop TTA {pct(r['accuracy_tta_tencrop'])} "
+            "(`evaluate --tta`; the Recognizer does not apply them)")
+
+
 def card_text(name: str, meta: ModelMeta, params: int, size_mb: float, r: dict[str, Any], cal: dict[str, Any],
               min_score: float, command: str, note: str, plots: dict[str, str]) -> str:
     """The model card (Markdown)."""
@@ -205,8 +214,7 @@ def card_text(name: str, meta: ModelMeta, params: int, size_mb: float, r: dict[s
         "classes) |",
         f"| recipe | {recipe} |",
         f"| validation (FER2013 PublicTest, n={v['n']}) | accuracy **{pct(v['accuracy'])}** (macro-F1 "
-        f"{pct(v['macro_f1'])}); with flip TTA {pct(r['accuracy_tta_flip'])}, ten-crop TTA "
-        f"{pct(r['accuracy_tta_tencrop'])} (TTA is an `evaluate --tta` option, not applied by the Recognizer) |",
+        f"{pct(v['macro_f1'])}); " + tta_text(meta, r) + " |",
         f"| tier | {meta.metrics.get('tier', 'fast')} |",
         f"| calibration | {cal['method']}, fitted on `validation`: ECE **{cal['after_cross_fit']['ece']:.4f}** "
         f"(cross-fitted; {cal['before']['ece']:.4f} before), 15 equal-width bins |",

@@ -46,3 +46,27 @@ def test_init_with_another_architecture_is_refused(micro: Path, tmp_path: Path,
     assert code != 0
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "fastcnn" in err and "--model fastcnn" in err
+
+
+def test_warm_restart_from_a_flip_tta_model_trains_the_network_inside(micro: Path, tmp_path: Path) -> None:
+    """fer7-large carries flip TTA (flip(fastcnn_xl)); --init of such a file continues the bare network."""
+    import subprocess
+    import sys
+
+    first = tmp_path / "first"
+    assert main(["train", "--data", str(micro), "--epochs", "1", "--batch-size", "8", "--set", "max_steps=1",
+                 "--out", str(first)]) == 0
+    flipped = tmp_path / "flipped.safetensors"
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, str(repo / "scripts" / "wrap_flip.py"), str(first), str(flipped)], check=True,
+                   capture_output=True)
+    assert read_meta(flipped).arch == "flip(fastcnn)"
+    second = tmp_path / "second"
+    assert main(["train", "--data", str(micro), "--init", str(flipped), "--epochs", "1", "--batch-size", "8",
+                 "--lr", "1e-9", "--set", "max_steps=1", "--out", str(second)]) == 0
+    assert yaml.safe_load((second / "config.yaml").read_text())["model"] == "fastcnn"
+    a, _ = load_model(first)
+    b, _ = load_model(second)
+    wa = dict(a.named_parameters())
+    for name, p in b.named_parameters():
+        assert torch.allclose(p, wa[name], atol=1e-4), name

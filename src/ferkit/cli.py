@@ -215,8 +215,10 @@ def cmd_train(a: argparse.Namespace, extra: dict[str, Any] | None = None) -> int
     if ov.get("init") and not ov.get("model") and not a.resume:
         # a warm restart (--init fer7-large) continues the same architecture unless --model says otherwise
         from ferkit.modelfile import read_meta, resolve_model_path
+        from ferkit.models.ensemble import flip_inner
 
-        ov["model"] = read_meta(resolve_model_path(str(ov["init"]))).arch
+        arch = read_meta(resolve_model_path(str(ov["init"]))).arch
+        ov["model"] = flip_inner(arch) or arch  # flip(...) TTA is for inference: train the network inside
     config_file = a.config
     if a.resume:
         out = Path(ov["out"]) if ov.get("out") else _latest_run()

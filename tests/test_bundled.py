@@ -18,7 +18,7 @@ needs_data = pytest.mark.skipif(not (DATA / "fer2013").is_dir(), reason="../shar
 
 def test_bundled_models_present_small_and_described() -> None:
     models = bundled_models()
-    assert {"fer3", "fer7"} <= set(models)
+    assert {"fer3", "fer7", "fer3-large", "fer7-large"} <= set(models)
     for name, path in models.items():
         assert path.stat().st_size <= 20 * 1024 * 1024
         meta = read_meta(path)
@@ -31,8 +31,13 @@ def test_bundled_models_present_small_and_described() -> None:
         assert meta.temperature == cal["temperature"] and cal["fit_split"] == "validation"
         assert f"ECE **{cal['after_cross_fit']['ece']:.4f}**" in card and "commercial" in card
         assert f"suggested `min_score` | **{meta.metrics['suggested_min_score']:g}**" in card
-    assert read_meta(models["fer3"]).classes == ("happy", "sad", "neutral")
-    assert len(read_meta(models["fer7"]).classes) == 7
+    for name in ("fer3", "fer3-large"):
+        assert read_meta(models[name]).classes == ("happy", "sad", "neutral")
+    for name in ("fer7", "fer7-large"):
+        assert len(read_meta(models[name]).classes) == 7
+    for name in ("fer3", "fer7", "fer3-large", "fer7-large"):  # ferkit models shows the tier and faces/s
+        m = read_meta(models[name]).metrics
+        assert m["tier"] == ("large" if name.endswith("-large") else "fast") and m["faces_per_second"] > 0
 
 
 def test_models_card_prints_the_card(capsys: pytest.CaptureFixture[str]) -> None:
@@ -50,9 +55,11 @@ def test_models_command_json(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @needs_data
-@pytest.mark.parametrize("name,floor", [("fer3", 0.80), ("fer7", 0.66)])
+# Floors of what ships (issue 9's goals, fer7 69% / fer3 83% / fer7-large 72% / fer3-large 85%, are not reached yet:
+# benchmarks/README.md has every run); the large models carry their flip TTA, so classify applies it.
+@pytest.mark.parametrize("name,floor", [("fer3", 0.80), ("fer7", 0.66), ("fer3-large", 0.81), ("fer7-large", 0.69)])
 def test_bundled_accuracy_on_validation(name: str, floor: float) -> None:
-    """The issue's accuracy floors, on the whole validation split, through the product path (Recognizer.classify)."""
+    """Accuracy floors on the whole validation split, through the product path (Recognizer.classify)."""
     from ferkit.classes import match_folder
     from ferkit.images import load_image
 

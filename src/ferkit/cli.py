@@ -423,17 +423,21 @@ def cmd_models(a: argparse.Namespace) -> int:
     def pct(v: float | None) -> str:
         return f"{v * 100:.2f}%" if v is not None else "-"
 
-    print(f"{'name':<12}{'tier':<7}{'arch':<13}{'input':<7}{'val acc':<9}{'flip':<9}{'10-crop':<9}{'faces/s':<9}"
+    rows.sort(key=lambda r: (r["tier"] != "fast", r["name"]))
+    aw = max([len(r["arch"]) for r in rows] + [4]) + 2
+    print(f"{'name':<12}{'tier':<7}{'arch':<{aw}}{'input':<7}{'val acc':<9}{'flip':<9}{'10-crop':<9}{'faces/s':<9}"
           f"{'size':<9}classes")
     for r in rows:
         tta, fps = r["validation_accuracy_tta"], r["faces_per_second"]
+        flip = "in model" if r["arch"].startswith("flip(") else pct(tta.get("flip"))
         print(
-            f"{r['name']:<12}{r['tier']:<7}{r['arch']:<13}{r['input_size']:<7}{pct(r['validation_accuracy']):<9}"
-            f"{pct(tta.get('flip')):<9}{pct(tta.get('tencrop')):<9}{(f'{fps:,}' if fps else '-'):<9}"
+            f"{r['name']:<12}{r['tier']:<7}{r['arch']:<{aw}}{r['input_size']:<7}{pct(r['validation_accuracy']):<9}"
+            f"{flip:<9}{pct(tta.get('tencrop')):<9}{(f'{fps:,}' if fps else '-'):<9}"
             f"{r['size_mb']:<6.2f}MB {','.join(r['classes'])}"
         )
-    print("val acc: FER2013 validation (PublicTest) without test-time augmentation; flip / 10-crop: with it; "
-          "faces/s: onnxruntime, batch 256, measured when bundled (`ferkit models --card NAME` for more)")
+    print("val acc: FER2013 validation (PublicTest), as the model runs (a flip(...) model's TTA is in the model); "
+          "flip / 10-crop: with `evaluate --tta`; faces/s: onnxruntime, batch 256, measured when bundled "
+          "(`ferkit models --card NAME` for more)")
     return 0
 
 

@@ -16,7 +16,7 @@ pytest.importorskip("fastapi")
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
 imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")
 
-from test_webpage import CHROMIUM, CHROMIUM_ARGS, wait_js  # noqa: E402
+from test_webpage import CHROMIUM, camera_page, wait_js  # noqa: E402
 
 pytestmark = [pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"chromium not installed at {CHROMIUM}"),
               pytest.mark.skipif(not WILD.is_dir(), reason=f"no wild-dev photos at {WILD}")]
@@ -48,29 +48,17 @@ def live_server(tmp_path_factory: pytest.TempPathFactory, running_server: Callab
 
 def test_live_mode_shows_track_ids_smoothed_labels_and_timeline(live_server: str, camera_clip: Path,
                                                                  tmp_path: Path) -> None:
-    fake = ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
-            f"--use-file-for-fake-video-capture={camera_clip}"]
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS + fake, headless=True)
-        try:
-            context = b.new_context()
-            context.grant_permissions(["camera"], origin=live_server)
-            page = context.new_page()
-            page.goto(live_server + "/")
-            page.click("#webcam-start")
-            wait_js(page, "document.getElementById('video').videoWidth > 0", 20)
-            page.click("#live-start")
-            wait_js(page, "+document.getElementById('live-canvas').dataset.frames >= 15", 120)
-            time.sleep(3)  # a few seconds of steady state for the rate
-            canvas = page.locator("#live-canvas")
-            frames, fps = int(canvas.get_attribute("data-frames")), float(canvas.get_attribute("data-fps"))
-            tracks = canvas.get_attribute("data-tracks")
-            stats = page.text_content("#live-stats")
-            page.screenshot(path=str(tmp_path / "live.png"), full_page=True)
-            page.click("#live-stop")
-            print(f"live mode: {frames} frames at {fps:.1f} frames/s; tracks {tracks}; {stats}")
-        finally:
-            b.close()
+    with sync_api.sync_playwright() as p, camera_page(p, live_server, camera_clip) as page:
+        page.click("#live-start")
+        wait_js(page, "+document.getElementById('live-canvas').dataset.frames >= 15", 120)
+        time.sleep(3)  # a few seconds of steady state for the rate
+        canvas = page.locator("#live-canvas")
+        frames, fps = int(canvas.get_attribute("data-frames")), float(canvas.get_attribute("data-fps"))
+        tracks = canvas.get_attribute("data-tracks")
+        stats = page.text_content("#live-stats")
+        page.screenshot(path=str(tmp_path / "live.png"), full_page=True)
+        page.click("#live-stop")
+        print(f"live mode: {frames} frames at {fps:.1f} frames/s; tracks {tracks}; {stats}")
     assert tracks == "1,2", tracks  # two people, two IDs, kept through the whole run (and the clip's loops)
     assert "#1 happy" in stats and "#2 sad" in stats, stats
     assert fps > 1.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -186,17 +187,29 @@ def test_docs_page_renders_offline_and_tries_requests(server: str, browser: obje
         context.close()
 
 
-def test_webcam_snapshot_with_fake_camera(server: str, playwright: object, tmp_path: Path) -> None:
-    """Chromium's fake camera (a moving test pattern, no face) goes through getUserMedia → snapshot → /v1/predict."""
+@contextlib.contextmanager
+def camera_page(playwright: object, url: str, clip: Path | None = None) -> Iterator[object]:
+    """The web page in Chromium with a fake camera already started: Chromium's moving test pattern, or ``clip``
+    (a .y4m/.mjpeg video) played as the camera."""
     fake = ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
+    if clip is not None:
+        fake.append(f"--use-file-for-fake-video-capture={clip}")
     b = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS + fake, headless=True)
     try:
         context = b.new_context()
-        context.grant_permissions(["camera"], origin=server)
+        context.grant_permissions(["camera"], origin=url)
         page = context.new_page()
-        page.goto(server + "/")
+        page.goto(url + "/")
         page.click("#webcam-start")
         wait_js(page, "document.getElementById('video').videoWidth > 0", 20)
+        yield page
+    finally:
+        b.close()
+
+
+def test_webcam_snapshot_with_fake_camera(server: str, playwright: object, tmp_path: Path) -> None:
+    """Chromium's fake camera (a moving test pattern, no face) goes through getUserMedia → snapshot → /v1/predict."""
+    with camera_page(playwright, server) as page:
         page.click("#snap")
         page.wait_for_selector("#canvas[data-state='done']", timeout=60_000)
         assert page.is_hidden("#error")
@@ -205,8 +218,6 @@ def test_webcam_snapshot_with_fake_camera(server: str, playwright: object, tmp_p
         page.screenshot(path=str(tmp_path / "webpage-webcam.png"), full_page=True)
         page.click("#webcam-stop")
         assert page.is_hidden("#webcam")
-    finally:
-        b.close()
 
 
 WEB_KEY = "web-page-key-0042"

@@ -62,6 +62,10 @@ class TrainConfig:
     # distillation: also learn the teachers' soft labels on the train split's images of the *other* FER2013
     # expressions (no hard label), e.g. angry/fear/... faces for a happy/sad/neutral student
     distill_unlabeled: bool = False
+    # distillation: compute the teachers' soft labels once, for this many augmented views of every training image,
+    # store them in the run directory (teacher_views.safetensors) and train on those views: the teachers are then
+    # paid once, not at every step of every epoch. 0 = the teachers label each freshly augmented batch
+    distill_views: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -149,6 +153,8 @@ def _validate(cfg: TrainConfig) -> None:
         (0.0 <= cfg.distill_alpha <= 1.0, f"distill_alpha {cfg.distill_alpha} must be in [0, 1]"),
         (cfg.distill_temp > 0, "distill_temp must be positive"),
         (not cfg.distill_unlabeled or bool(cfg.teacher), "distill_unlabeled needs teachers (ferkit distill --teacher)"),
+        (cfg.distill_views >= 0, "distill_views must be 0 (off) or positive"),
+        (not cfg.distill_views or bool(cfg.teacher), "distill_views needs teachers (ferkit distill --teacher)"),
         (cfg.max_steps >= 0 and cfg.early_stop >= 0, "max_steps and early_stop must be 0 (off) or positive"),
     ]
     for ok, msg in checks:

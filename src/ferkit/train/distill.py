@@ -53,3 +53,109 @@ def distill_loss(
         F.log_softmax(student_logits.float() / temperature, dim=1), teacher_logp, log_target=True, reduction="batchmean"
     )
     return alpha * temperature**2 * soft + (1 - alpha) * hard_loss
+
+
+#: File in the run directory holding the stored views and their soft labels (``distill_views``).
+VIEWS_FILE = "teacher_views.safetensors"
+#: Faces augmented and labelled per batch while making the stored views.
+VIEW_BATCH = 512
+
+
+class StoredViews:
+    """The teachers' soft labels for a fixed set of augmented views of every training image, computed once.
+
+    ``distill_views = K`` draws K augmented copies of each training image (the run's own augmentation, seeded by the
+    run's seed), asks the teachers once per copy and keeps both: K×N uint8 faces and K×N×C float16 log-probabilities.
+    Every training step then picks one stored view per image, so a long, patient distillation costs the student's
+    steps only. The views are saved in the run directory under a key of everything they depend on (teachers'
+    weights, augmentation, seed, temperature, the training images); a resumed or repeated run with the same key
+    loads them instead of asking the teachers again.
+    """
+
+    def __init__(self, images: torch.Tensor, logp: torch.Tensor, key: str) -> None:
+        self.images, self.logp, self.key = images, logp, key
+
+    @property
+    def views(self) -> int:
+        return int(self.images.shape[0])
+
+    def batch(self, j: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """One stored view per index in ``j`` (drawn from ``generator``): faces in [0, 1] and the teachers' log-probs."""
+        v = torch.randint(self.views, (len(j),), generator=generator, device=generator.device).to(j.device)
+        return self.images[v, j].float().div_(255.0).unsqueeze(1), self.logp[v, j].float()
+
+    @staticmethod
+    def make_key(teachers: Teachers, images: torch.Tensor, cfg) -> str:  # noqa: ANN001 - TrainConfig
+        import hashlib
+        import json
+
+        h = hashlib.sha256()
+        for net in teachers.nets:
+            for name, t in net.state_dict().items():
+                h.update(name.encode())
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        h.update(images.cpu().contiguous().numpy().tobytes())
+        fields = ("distill_views", "distill_temp", "seed", "input_size", "augment", "rotate", "scale", "shift", "flip",
+                  "erase", "jitter", "classes")
+        h.update(json.dumps({f: getattr(cfg, f) for f in fields}, sort_keys=True).encode())
+        return h.hexdigest()
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, teachers: Teachers, images: torch.Tensor, augment, cfg, *, autocast=None,  # noqa: ANN001
+              progress: bool = True) -> StoredViews:
+        """Augment every image ``cfg.distill_views`` times and label each view with the teachers (at ``autocast``).
+
+        The views depend only on the images, the augmentation settings and the seed (fixed batches of
+        ``VIEW_BATCH`` draw the random numbers), so the same run makes the same views.
+        """
+        import contextlib
+
+        n, k = len(images), cfg.distill_views
+        key = cls.make_key(teachers, images, cfg)
+        out = torch.empty((k, n, cfg.input_size, cfg.input_size), dtype=torch.uint8, device=images.device)
+        logp = torch.empty((k, n, len(teachers.index[0])), dtype=torch.float16, device=images.device)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=k * n, desc="teacher soft labels", unit="face", leave=False, dynamic_ncols=True)
+        for v in range(k):
+            g = torch.Generator(device=images.device).manual_seed(cfg.seed * 15_485_863 + v)
+            for b in range(0, n, VIEW_BATCH):
+                x01 = augment.unit(images[b : b + VIEW_BATCH], generator=g)
+                q = x01.mul(255.0).round_().clamp_(0, 255)  # the student reads the stored uint8 view: label that one
+                out[v, b : b + len(q)] = q[:, 0].to(torch.uint8)
+                with autocast() if autocast is not None else contextlib.nullcontext():
+                    logp[v, b : b + len(q)] = teachers.logits(q / 255.0, cfg.distill_temp).float().half()
+                if bar is not None:
+                    bar.update(len(q))
+        if bar is not None:
+            bar.close()
+        return cls(out, logp, key)
+
+    def save(self, path) -> None:  # noqa: ANN001 - str | Path
+        from safetensors.torch import save_file
+
+        from ferkit.fsutil import atomic_path
+
+        with atomic_path(path) as tmp:
+            save_file({"images": self.images.cpu().contiguous(), "logp": self.logp.cpu().contiguous()}, str(tmp),
+                      metadata={"key": self.key, "format": "ferkit-teacher-views-1"})
+
+    @classmethod
+    def load(cls, path, key: str, device: torch.device | str = "cpu") -> StoredViews | None:  # noqa: ANN001
+        """The views stored at ``path`` if they were made under ``key``; None if absent, stale or unreadable."""
+        from pathlib import Path
+
+        from safetensors import SafetensorError, safe_open
+
+        if not Path(path).is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                if (f.metadata() or {}).get("key") != key:
+                    return None
+                return cls(f.get_tensor("images"), f.get_tensor("logp"), key)
+        except (SafetensorError, OSError, KeyError):
+            return None

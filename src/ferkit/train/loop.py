@@ -26,6 +26,7 @@ from ferkit.evaluate import evaluate_probs, plot_curves, predict_logits, predict
 from ferkit.modelfile import ModelMeta, save_model
 from ferkit.models import create_model
 from ferkit.preprocess import DEFAULT_MEAN, DEFAULT_STD
+from ferkit.train.distill import StoredViews
 
 log = logging.getLogger(__name__)
 MEAN, STD = DEFAULT_MEAN, DEFAULT_STD  # ferkit.preprocess owns the normalisation
@@ -106,7 +107,11 @@ def train_one_epoch(
         if cfg.max_steps and step0 + b >= cfg.max_steps:
             break
         j = idx[b * cfg.batch_size : (b + 1) * cfg.batch_size].to(images.device)
-        x01 = augment.unit(images[j], generator=g)
+        soft = None
+        if isinstance(teachers, StoredViews):  # distill_views: a stored view per image, labelled once in advance
+            x01, soft = teachers.batch(j, g)
+        else:
+            x01 = augment.unit(images[j], generator=g)
         x = augment.pre.normalise(x01)
         y = labels[j]
         if cfg.channels_last:
@@ -123,8 +128,9 @@ def train_one_epoch(
         if teachers is not None:
             from ferkit.train.distill import distill_loss
 
-            with fabric.autocast():  # teachers at the run's precision (bf16 roughly halves their cost on CPU too)
-                soft = teachers.logits(x01, cfg.distill_temp)
+            if soft is None:
+                with fabric.autocast():  # teachers at the run's precision (bf16 roughly halves their cost on CPU too)
+                    soft = teachers.logits(x01, cfg.distill_temp)
             loss = distill_loss(out, soft, loss, alpha=cfg.distill_alpha, temperature=cfg.distill_temp)
         opt.zero_grad(set_to_none=True)
         fabric.backward(loss)
@@ -253,6 +259,8 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     loss_fn = make_loss(cfg, labels, len(classes))
     teachers = make_teachers(cfg, classes, dev)
     augment = BatchAugment(cfg, MEAN, STD)
+    if teachers is not None and cfg.distill_views:
+        teachers = stored_views(fabric, cfg, teachers, images, augment)
     state = resume_run(fabric, cfg, model, opt, sched, total) if resume else RunState()
 
     t_train = time.perf_counter()
@@ -396,6 +404,28 @@ def make_teachers(cfg: TrainConfig, classes: list[str], device: torch.device):  
 
     teachers = Teachers(cfg.teacher, classes, device=device)
     return teachers.to(memory_format=torch.channels_last) if cfg.channels_last else teachers
+
+
+def stored_views(fabric, cfg: TrainConfig, teachers, images: torch.Tensor, augment: BatchAugment):  # noqa: ANN001,ANN201
+    """``distill_views``: the stored views of the run directory if they were made for this run, else made now (the
+    teachers label every view once) and stored for a resume or a repeat."""
+    from ferkit.train.distill import VIEWS_FILE
+
+    path = Path(cfg.out) / VIEWS_FILE
+    key = StoredViews.make_key(teachers, images, cfg)
+    views = StoredViews.load(path, key, device=images.device)
+    if views is not None:
+        fabric.print(f"teacher soft labels: {views.views} stored views of {len(images)} faces from {path}")
+        return views
+    t0 = time.perf_counter()
+    views = StoredViews.build(teachers, images, augment, cfg, autocast=fabric.autocast,
+                              progress=fabric.is_global_zero and os.environ.get("FERKIT_PROGRESS", "1") != "0")
+    fabric.print(f"teacher soft labels: {views.views} views of {len(images)} faces in "
+                 f"{time.perf_counter() - t0:.0f}s, stored in {path}")
+    if fabric.is_global_zero:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        views.save(path)
+    return views
 
 
 def resume_run(fabric, cfg: TrainConfig, model: nn.Module, opt, sched, total: int) -> RunState:

@@ -11,7 +11,8 @@ import torch
 
 from ferkit.metrics import brier, calibration, coverage_curve, ece, nll, reliability, selective
 from ferkit.modelfile import bundled_models, calibrated_probs, load_model, read_meta
-from ferkit.train.calibrate import Calibration, calibrate, cross_fit_probs, fit_calibration, fit_temperature
+from ferkit.train.calibrate import (CANDIDATES, Calibration, calibrate, cross_fit_probs, fit_calibration,
+                                   fit_temperature)
 
 
 def _sample(n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -35,12 +36,42 @@ def test_calibrate_reports_honest_numbers_and_keeps_the_argmax() -> None:
     r = calibrate(z * 2.5, y)  # over-confident by a known factor
     assert r["before"]["ece"] > 0.05 and r["after_cross_fit"]["ece"] < 0.03
     assert r["after_cross_fit"]["nll"] < r["before"]["nll"]
-    assert r["fit_split"] == "validation" and r["n"] == 4000 and set(r["candidates"]) == {"temperature", "degree 2"}
+    assert r["fit_split"] == "validation" and r["n"] == 4000 and r["n_fold"] == 2000
+    assert set(r["candidates"]) == {"temperature", "degree 2", "degree 2, top score"}
     cal = Calibration(r["temperature"], tuple(r["temperature_poly"]))
     assert np.array_equal(cal.probs(z * 2.5).argmax(1), z.argmax(1))
-    held, fits = cross_fit_probs(z * 2.5, y)
+    held, fold, fits = cross_fit_probs(z * 2.5, y)
     assert len(fits) == 2 and all(f.temperature == pytest.approx(2.5, rel=0.15) for f in fits)
     assert held.shape == z.shape and np.allclose(held.sum(1), 1)
+    # the floors: a perfectly calibrated model's ECE on one half and on all faces; this one is near them
+    assert 0 < r["ece_noise_floor"] < r["ece_noise_floor_fold"] < 0.05
+    assert r["after_cross_fit"]["ece"] < 2 * r["ece_noise_floor_fold"]
+
+
+def test_cross_fitted_numbers_measure_each_half_on_its_own() -> None:
+    """Not the pooled out-of-fold ECE: pooling lets each half's fit mirror the other half's labels."""
+    z, y = _sample(3000, 3, seed=4)
+    r = calibrate(z * 2.0, y, seeds=2)
+    best = {v: k for k, v in CANDIDATES.items()}[
+        next(k for k, c in r["candidates"].items() if c == r["after_cross_fit"])]
+    halves = []
+    for s in range(2):
+        held, fold, _ = cross_fit_probs(z * 2.0, y, seed=s, degree=best[0], objective=best[1])
+        halves += [ece(held[fold == k], y[fold == k]) for k in (0, 1)]
+    assert r["after_cross_fit"]["ece"] == pytest.approx(np.mean(halves), abs=1e-5)
+
+
+def test_top_score_objective_calibrates_the_top_score() -> None:
+    """Fitted on the top score alone: the top-label ECE drops, the argmax stays."""
+    z, y = _sample(6000, 7, seed=5)
+    s = torch.softmax(torch.tensor(z), 1).max(1).values.numpy()[:, None]
+    distorted = z * (0.5 + 2.5 * s)
+    top = fit_calibration(distorted, y, degree=2, objective="top")
+    raw = torch.softmax(torch.tensor(distorted), 1).numpy()
+    assert ece(top.probs(distorted), y) < 0.5 * ece(raw, y)
+    assert np.array_equal(top.probs(distorted).argmax(1), distorted.argmax(1))
+    with pytest.raises(ValueError, match="objective"):
+        fit_calibration(distorted, y, objective="brier")
 
 
 def test_score_dependent_temperature_keeps_the_argmax_and_fits_a_shape() -> None:

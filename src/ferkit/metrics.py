@@ -126,6 +126,18 @@ def calibration(probs: Any, labels: Any, bins: int = ECE_BINS) -> dict[str, floa
 # -- selective prediction ("uncertain" below a minimum score) ---------------------------------------------------
 
 
+def ece_noise_floor(probs: Any, draws: int = 200, seed: int = 0, bins: int = ECE_BINS) -> float:
+    """Mean ECE over labels drawn from ``probs`` themselves: what a perfectly calibrated model scores at this n.
+
+    The ECE of a finite sample is never 0; for scores spread over the bins it is about ``sqrt(bins / n)`` times a
+    constant, so an ECE near this floor is as good as that number of faces can show."""
+    p = _np(probs).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    cum = p.cumsum(1)
+    return float(np.mean([ece(p, (cum < rng.random(len(p))[:, None]).sum(1).clip(0, p.shape[1] - 1), bins)
+                          for _ in range(draws)]))
+
+
 def selective(probs: Any, labels: Any, min_score: float) -> dict[str, float]:
     """Coverage (share of faces whose top score ≥ ``min_score``) and the accuracy on the faces kept."""
     p = _np(probs).astype(np.float64)

@@ -95,7 +95,7 @@ def test_distill_with_stored_views_pays_the_teachers_once(faces: tuple[Path, tor
     monkeypatch.setattr(Teachers, "logits", counted)
     out = tmp_path / "student"
     argv = ["distill", "--teacher", str(teacher), "--data", str(data), "--epochs", "3", "--batch-size", "8",
-            "--out", str(out), "--set", "distill_views=2"]
+            "--out", str(out), "--views", "2"]
     assert main(argv) == 0
     assert sum(calls) == 2 * n  # every face labelled once per view, then never again over 3 epochs
     assert f"teacher soft labels: 2 views of {n} faces" in capsys.readouterr().out

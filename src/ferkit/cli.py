@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--student", default=None, help="student architecture (default fastcnn)")
     d.add_argument("--alpha", type=float, default=None, help="weight of the soft-label loss (default 0.7)")
     d.add_argument("--temperature", type=float, default=None, help="distillation temperature (default 4)")
+    d.add_argument("--views", type=int, default=None, metavar="K",
+                   help="label K augmented views of every training face with the teachers once, store them in the "
+                        "run directory and train on those (the teachers are then not paid at every step; "
+                        "= --set distill_views=K)")
     _add_train_flags(d)
 
     e = sub.add_parser("evaluate", help="accuracy, macro-F1, per-class metrics and confusion matrix")
@@ -246,6 +250,8 @@ def cmd_distill(a: argparse.Namespace) -> int:
         extra["distill_alpha"] = a.alpha
     if a.temperature is not None:
         extra["distill_temp"] = a.temperature
+    if a.views is not None:
+        extra["distill_views"] = a.views
     return cmd_train(a, extra)
 
 

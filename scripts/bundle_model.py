@@ -220,7 +220,7 @@ def card_text(name: str, meta: ModelMeta, params: int, size_mb: float, r: dict[s
         f"(cross-fitted; {cal['before']['ece']:.4f} before), 15 equal-width bins |",
         f"| suggested `min_score` | **{min_score:g}** (keeps "
         f"{pct(next(s['coverage'] for s in r['selective'] if s['min_score'] == min_score))} of validation faces) |",
-        f"| speed | {speed_text(name, r)} |",
+        f"| speed | {speed_text(name, r, meta.arch)} |",
         f"| file | `{name}.safetensors` ({size_mb:.2f} MB): safetensors weights + ferkit metadata JSON, loads without "
         "pickle; `{name}.onnx` beside it |".replace("{name}", name),
         "",
@@ -268,7 +268,7 @@ def card_text(name: str, meta: ModelMeta, params: int, size_mb: float, r: dict[s
         "",
         "| | ECE (15 bins) | NLL | Brier | mean top score |",
         "|---|---|---|---|---|",
-        f"| raw softmax | {b['ece']:.4f} | {b['nll']:.4f} | {b['brier']:.4f} | {b['mean_confidence']:.3f} |",
+        f"| raw softmax, same halves | {b['ece']:.4f} | {b['nll']:.4f} | {b['brier']:.4f} | {b['mean_confidence']:.3f} |",
         f"| calibrated, cross-fitted | **{a['ece']:.4f}** | {a['nll']:.4f} | {a['brier']:.4f} | "
         f"{a['mean_confidence']:.3f} |",
         f"| calibrated, in-sample | {ins['ece']:.4f} | {ins['nll']:.4f} | {ins['brier']:.4f} | "
@@ -323,20 +323,34 @@ def card_text(name: str, meta: ModelMeta, params: int, size_mb: float, r: dict[s
     return "\n".join(lines)
 
 
-def speed_text(name: str, r: dict[str, Any]) -> str:
-    """The card's speed: ``benchmarks/infer_speed.py``'s number when it was measured on an idle machine, and the one
-    measured while bundling (with the load average then: other processes only slow it down)."""
+def speed_text(name: str, r: dict[str, Any], arch: str) -> str:
+    """The card's speed: ``benchmarks/infer_speed.py``'s number when it was measured on an idle machine for a model of
+    this architecture (speed does not depend on the weights), and the one measured while bundling (with the load
+    average then: other processes only slow it down)."""
     here = (f"{r['faces_per_second']:,.0f} faces/s measured while bundling ({r['backend']}, batch 256, load average "
             f"{r['load_average']:.1f})")
     try:
         bench = json.loads((REPO / "benchmarks" / "infer_speed.json").read_text())
         fps = bench["models"][name]["onnx"]["faces_per_s"]
         load = bench["machine"]["load_average_at_start"][0]
+        measured_arch = bench["models"][name]["onnx"]["arch"]
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return here
-    if load > 2.0:
+    if load > 2.0 or measured_arch != arch:
         return here
     return f"**{fps:,.0f} faces/s** (onnxruntime, batch 256, 2 cores, `benchmarks/infer_speed.py` on an idle machine); {here}"
+
+
+def refresh_speed(name: str, card: Path, card_json: Path) -> None:
+    """Rewrite the speed row of a bundled model's card from its bundling measurements and infer_speed.json."""
+    from ferkit.fsutil import atomic_write_text
+
+    r = json.loads(card_json.read_text())
+    meta = read_meta(resolve_model_path(name))
+    row = f"| speed | {speed_text(name, r, meta.arch)} |"
+    text = re.sub(r"^\| speed \|.*\|$", lambda _: row, card.read_text(), count=1, flags=re.M)
+    atomic_write_text(card, text)
+    print(f"{card}: {row}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -349,11 +363,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tier", default=None, choices=["fast", "large"],
                     help="fast (>= 3,000 faces/s) or large (the accurate tier); default: large for NAME-large")
     ap.add_argument("--no-onnx", action="store_true", help="do not write the ONNX sibling")
+    ap.add_argument("--refresh-speed", action="store_true",
+                    help="only rewrite the card's speed row (after benchmarks/infer_speed.py ran on an idle machine)")
     ap.add_argument("--to", default=str(WEIGHTS_DIR), help="where bundled models live (default: the package's)")
     ap.add_argument("--cards", default=str(CARDS), help="where the card's plots and JSON go (default %(default)s)")
     a = ap.parse_args(argv)
     a.tier = a.tier or ("large" if a.name.endswith("-large") else "fast")
     cards = Path(a.cards)
+    if a.refresh_speed:
+        refresh_speed(a.name, Path(a.to) / f"{a.name}.md", cards / f"{a.name}.json")
+        return
 
     from ferkit.evaluate import model_logits
     from ferkit.fsutil import atomic_write_text

@@ -37,7 +37,7 @@ def test_calibrate_reports_honest_numbers_and_keeps_the_argmax() -> None:
     assert r["before"]["ece"] > 0.05 and r["after_cross_fit"]["ece"] < 0.03
     assert r["after_cross_fit"]["nll"] < r["before"]["nll"]
     assert r["fit_split"] == "validation" and r["n"] == 4000 and r["n_fold"] == 2000
-    assert set(r["candidates"]) == {"temperature", "degree 2", "degree 2, top score"}
+    assert set(r["candidates"]) == {"none (raw softmax)", "temperature", "degree 2", "degree 2, top score"}
     cal = Calibration(r["temperature"], tuple(r["temperature_poly"]))
     assert np.array_equal(cal.probs(z * 2.5).argmax(1), z.argmax(1))
     held, fold, fits = cross_fit_probs(z * 2.5, y)
@@ -128,7 +128,12 @@ def test_bundled_models_are_calibrated_on_every_path(name: str) -> None:
     from ferkit import Recognizer
 
     meta = read_meta(bundled_models()[name])
-    assert meta.temperature != 1.0 and meta.metrics["calibration"]["fit_split"] == "validation"
+    cal = meta.metrics["calibration"]
+    assert cal["fit_split"] == "validation"
+    # the raw softmax is kept only when it measured best (then the stored calibration is the identity)
+    identity = cal["method"].startswith("none")
+    assert identity == (meta.temperature == 1.0 and not meta.temperature_poly)
+    assert identity == (min(c["ece"] for c in cal["candidates"].values()) == cal["candidates"]["none (raw softmax)"]["ece"])
     s = meta.input_size
     faces = np.random.default_rng(0).integers(0, 256, (64, s, s), dtype=np.uint8)
     p_onnx = Recognizer(model=name, backend="onnx").classify(faces)
@@ -139,7 +144,7 @@ def test_bundled_models_are_calibrated_on_every_path(name: str) -> None:
 
     with torch.inference_mode():
         raw = torch.softmax(net(torch.from_numpy(Preprocess.of(meta).numpy(faces))), 1).numpy()
-    assert np.array_equal(raw.argmax(1), p_onnx.argmax(1)) and not np.allclose(raw, p_onnx, atol=1e-3)
+    assert np.array_equal(raw.argmax(1), p_onnx.argmax(1)) and identity == np.allclose(raw, p_onnx, atol=1e-3)
     uncal = dataclasses.replace(meta, temperature=1.0, temperature_poly=())
     assert np.allclose(calibrated_probs(torch.log(torch.tensor(raw)), uncal).numpy(), raw, atol=1e-5)
 

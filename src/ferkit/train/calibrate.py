@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 POLY_DEGREE = 2
 #: The candidates :func:`calibrate` measures: (polynomial degree, fit objective) and the name each is reported by.
 CANDIDATES: dict[tuple[int, str], str] = {
+    (-1, "none"): "none (raw softmax)",
     (0, "nll"): "temperature",
     (POLY_DEGREE, "nll"): f"degree {POLY_DEGREE}",
     (POLY_DEGREE, "top"): f"degree {POLY_DEGREE}, top score",
@@ -76,6 +77,8 @@ def fit_calibration(logits: Any, labels: Any, *, degree: int = 0, objective: str
     ``objective`` "nll" is the NLL of the true class over all classes; "top" is the binary NLL of the top score as
     the probability that the predicted label is right, the quantity a top-label ECE and a ``min_score`` act on.
     """
+    if objective == "none":  # the identity: the raw softmax, kept when no fit measures better
+        return Calibration()
     if objective not in ("nll", "top"):
         raise ValueError(f"calibration objective {objective!r} is not 'nll' or 'top'")
     z = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
@@ -162,8 +165,8 @@ def calibrate(logits: Any, labels: Any, *, split: str = "validation", folds: int
     all ``n`` faces / on one half, for scale.
 
     Returns:
-        ``{"method", "temperature", "temperature_poly", "fit_split", "n", "n_fold", "bins", "before",
-        "after_cross_fit", "after_in_sample", "candidates", "cross_fit", "ece_noise_floor", "ece_noise_floor_fold"}``;
+        ``{"method", "temperature", "temperature_poly", "fit_split", "n", "n_fold", "bins", "before" (the raw
+        softmax on the same halves), "before_all" (on all faces), "after_cross_fit", "after_in_sample", "candidates", "cross_fit", "ece_noise_floor", "ece_noise_floor_fold"}``;
         quote "after_cross_fit": the fit never saw those faces.
     """
     z = np.asarray(logits, dtype=np.float64)
@@ -184,9 +187,18 @@ def calibrate(logits: Any, labels: Any, *, split: str = "validation", folds: int
         floors[cand] = round(float(np.mean(fl)), 4)
     best = min(candidates, key=lambda c: (candidates[c]["ece"], c))
     cal = fit_calibration(z, y, degree=best[0], objective=best[1])
-    method = {0: "temperature"}.get(best[0], f"score-dependent temperature (degree {best[0]})")
+    method = {-1: "none (the raw softmax measured best)", 0: "temperature"}.get(
+        best[0], f"score-dependent temperature (degree {best[0]})")
     if best[1] == "top":
         method += ", fitted on the top score"
+    raw = (-1, "none")
+    if raw not in candidates:  # too few faces for the candidates: measure the raw scores on the same halves
+        runs = []
+        for s in range(seeds):
+            probs, fold, _ = cross_fit_probs(z, y, folds=folds, seed=s, degree=-1, objective="none")
+            runs += _per_fold(probs, y, fold, bins)
+        candidates[raw] = {k: round(float(np.mean([r[k] for r in runs])), 5)
+                           for k in ("ece", "nll", "brier", "mean_confidence")}
     return {
         "method": method,
         "temperature": cal.temperature,
@@ -195,7 +207,8 @@ def calibrate(logits: Any, labels: Any, *, split: str = "validation", folds: int
         "bins": bins,
         "n": int(len(y)),
         "n_fold": int(len(y) // folds),
-        "before": rounded(calibration(scaled_probs(z, 1.0), y, bins)),
+        "before": candidates[raw],
+        "before_all": rounded(calibration(scaled_probs(z, 1.0), y, bins)),
         "after_cross_fit": candidates[best],
         "after_in_sample": rounded(calibration(cal.probs(z), y, bins)),
         "candidates": {CANDIDATES[c]: v for c, v in candidates.items()},

@@ -133,7 +133,8 @@ def test_bundled_models_are_calibrated_on_every_path(name: str) -> None:
     # the raw softmax is kept only when it measured best (then the stored calibration is the identity)
     identity = cal["method"].startswith("none")
     assert identity == (meta.temperature == 1.0 and not meta.temperature_poly)
-    assert identity == (min(c["ece"] for c in cal["candidates"].values()) == cal["candidates"]["none (raw softmax)"]["ece"])
+    best_ece = min(c["ece"] for c in cal["candidates"].values())
+    assert identity == (best_ece == cal["candidates"]["none (raw softmax)"]["ece"])
     s = meta.input_size
     faces = np.random.default_rng(0).integers(0, 256, (64, s, s), dtype=np.uint8)
     p_onnx = Recognizer(model=name, backend="onnx").classify(faces)

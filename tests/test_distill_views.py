@@ -56,9 +56,9 @@ def test_views_are_the_teachers_labels_of_stored_augmented_faces(faces: tuple[Pa
     # the key changes with the teachers' weights, the number of views and the augmentation
     other = Teachers(str(teacher_file(tmp_path, 2)), list(H3))
     assert StoredViews.make_key(other, images, cfg) != views.key
-    assert StoredViews.make_key(teachers, images, make_config("quick", {"distill_views": 4, "teacher": "x", "seed": 5})) != views.key
-    assert StoredViews.make_key(teachers, images, make_config("quick", {"distill_views": 3, "teacher": "x", "seed": 5,
-                                                                         "rotate": 5.0})) != views.key
+    for change in ({"distill_views": 4}, {"rotate": 5.0}):
+        other_cfg = make_config("quick", {"distill_views": 3, "teacher": "x", "seed": 5, **change})
+        assert StoredViews.make_key(teachers, images, other_cfg) != views.key
 
     # saved and loaded back only under its own key
     path = tmp_path / VIEWS_FILE

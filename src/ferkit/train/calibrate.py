@@ -154,6 +154,18 @@ def _per_fold(probs: np.ndarray, y: np.ndarray, fold: np.ndarray, bins: int) -> 
     return [calibration(probs[fold == k], y[fold == k], bins) for k in np.unique(fold)]
 
 
+def _cross_fitted(z: np.ndarray, y: np.ndarray, cand: tuple[int, str], *, folds: int, seeds: int, bins: int,
+                  ) -> tuple[dict[str, float], float]:
+    """One candidate's cross-fitted calibration (mean over halves and fold draws) and the per-half noise floor."""
+    runs, floors = [], []
+    for s in range(seeds):
+        probs, fold, _ = cross_fit_probs(z, y, folds=folds, seed=s, degree=cand[0], objective=cand[1])
+        runs += _per_fold(probs, y, fold, bins)
+        floors.append(np.mean([ece_noise_floor(probs[fold == k], draws=50, seed=s) for k in range(folds)]))
+    return ({k: round(float(np.mean([r[k] for r in runs])), 5) for k in ("ece", "nll", "brier", "mean_confidence")},
+            round(float(np.mean(floors)), 4))
+
+
 def calibrate(logits: Any, labels: Any, *, split: str = "validation", folds: int = 2, seeds: int = 3,
               bins: int = ECE_BINS) -> dict[str, Any]:
     """Fit the calibration on all of ``logits``/``labels``; report calibration before and after.
@@ -166,8 +178,9 @@ def calibrate(logits: Any, labels: Any, *, split: str = "validation", folds: int
 
     Returns:
         ``{"method", "temperature", "temperature_poly", "fit_split", "n", "n_fold", "bins", "before" (the raw
-        softmax on the same halves), "before_all" (on all faces), "after_cross_fit", "after_in_sample", "candidates", "cross_fit", "ece_noise_floor", "ece_noise_floor_fold"}``;
-        quote "after_cross_fit": the fit never saw those faces.
+        softmax on the same halves), "before_all" (on all faces), "after_cross_fit", "after_in_sample",
+        "candidates", "cross_fit", "ece_noise_floor", "ece_noise_floor_fold"}``; quote "after_cross_fit": the fit
+        never saw those faces.
     """
     z = np.asarray(logits, dtype=np.float64)
     y = np.asarray(labels, dtype=np.int64)
@@ -175,30 +188,16 @@ def calibrate(logits: Any, labels: Any, *, split: str = "validation", folds: int
     def rounded(d: dict[str, float]) -> dict[str, float]:
         return {k: round(float(v), 5) for k, v in d.items() if k != "ece_bins"}
 
-    candidates, floors = {}, {}
-    for cand in CANDIDATES if len(y) >= 200 else [(0, "nll")]:
-        runs, fl = [], []
-        for s in range(seeds):
-            probs, fold, _ = cross_fit_probs(z, y, folds=folds, seed=s, degree=cand[0], objective=cand[1])
-            runs += _per_fold(probs, y, fold, bins)
-            fl.append(np.mean([ece_noise_floor(probs[fold == k], draws=50, seed=s) for k in range(folds)]))
-        candidates[cand] = {k: round(float(np.mean([r[k] for r in runs])), 5)
-                            for k in ("ece", "nll", "brier", "mean_confidence")}
-        floors[cand] = round(float(np.mean(fl)), 4)
-    best = min(candidates, key=lambda c: (candidates[c]["ece"], c))
+    raw = (-1, "none")
+    choices = list(CANDIDATES) if len(y) >= 200 else [raw, (0, "nll")]
+    measured = {c: _cross_fitted(z, y, c, folds=folds, seeds=seeds, bins=bins) for c in choices}
+    candidates = {c: m for c, (m, _) in measured.items()}
+    best = min(choices if len(y) >= 200 else [(0, "nll")], key=lambda c: (candidates[c]["ece"], c))
     cal = fit_calibration(z, y, degree=best[0], objective=best[1])
     method = {-1: "none (the raw softmax measured best)", 0: "temperature"}.get(
         best[0], f"score-dependent temperature (degree {best[0]})")
     if best[1] == "top":
         method += ", fitted on the top score"
-    raw = (-1, "none")
-    if raw not in candidates:  # too few faces for the candidates: measure the raw scores on the same halves
-        runs = []
-        for s in range(seeds):
-            probs, fold, _ = cross_fit_probs(z, y, folds=folds, seed=s, degree=-1, objective="none")
-            runs += _per_fold(probs, y, fold, bins)
-        candidates[raw] = {k: round(float(np.mean([r[k] for r in runs])), 5)
-                           for k in ("ece", "nll", "brier", "mean_confidence")}
     return {
         "method": method,
         "temperature": cal.temperature,
@@ -214,5 +213,5 @@ def calibrate(logits: Any, labels: Any, *, split: str = "validation", folds: int
         "candidates": {CANDIDATES[c]: v for c, v in candidates.items()},
         "cross_fit": f"{folds}-fold class-stratified, each half measured on its own, mean of {seeds} fold draws",
         "ece_noise_floor": round(ece_noise_floor(cal.probs(z)), 4),
-        "ece_noise_floor_fold": floors[best],
+        "ece_noise_floor_fold": measured[best][1],
     }

@@ -80,7 +80,7 @@ class StoredViews:
         return int(self.images.shape[0])
 
     def batch(self, j: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """One stored view per index in ``j`` (drawn from ``generator``): faces in [0, 1] and the teachers' log-probs."""
+        """One stored view per index in ``j`` (drawn from ``generator``): faces in [0, 1], teachers' log-probs."""
         v = torch.randint(self.views, (len(j),), generator=generator, device=generator.device).to(j.device)
         return self.images[v, j].float().div_(255.0).unsqueeze(1), self.logp[v, j].float()
 

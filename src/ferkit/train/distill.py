@@ -103,7 +103,7 @@ class StoredViews:
     @classmethod
     @torch.no_grad()
     def build(cls, teachers: Teachers, images: torch.Tensor, augment, cfg, *, autocast=None,  # noqa: ANN001
-              progress: bool = True) -> StoredViews:
+              progress: bool = True, key: str | None = None) -> StoredViews:
         """Augment every image ``cfg.distill_views`` times and label each view with the teachers (at ``autocast``).
 
         The views depend only on the images, the augmentation settings and the seed (fixed batches of
@@ -112,7 +112,7 @@ class StoredViews:
         import contextlib
 
         n, k = len(images), cfg.distill_views
-        key = cls.make_key(teachers, images, cfg)
+        key = key or cls.make_key(teachers, images, cfg)  # the caller may have computed it to look for stored ones
         out = torch.empty((k, n, cfg.input_size, cfg.input_size), dtype=torch.uint8, device=images.device)
         logp = torch.empty((k, n, len(teachers.index[0])), dtype=torch.float16, device=images.device)
         bar = None

@@ -418,7 +418,7 @@ def stored_views(fabric, cfg: TrainConfig, teachers, images: torch.Tensor, augme
         fabric.print(f"teacher soft labels: {views.views} stored views of {len(images)} faces from {path}")
         return views
     t0 = time.perf_counter()
-    views = StoredViews.build(teachers, images, augment, cfg, autocast=fabric.autocast,
+    views = StoredViews.build(teachers, images, augment, cfg, autocast=fabric.autocast, key=key,
                               progress=fabric.is_global_zero and os.environ.get("FERKIT_PROGRESS", "1") != "0")
     fabric.print(f"teacher soft labels: {views.views} views of {len(images)} faces in "
                  f"{time.perf_counter() - t0:.0f}s, stored in {path}")

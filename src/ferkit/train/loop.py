@@ -26,7 +26,7 @@ from ferkit.evaluate import evaluate_probs, plot_curves, predict_logits, predict
 from ferkit.modelfile import ModelMeta, save_model
 from ferkit.models import create_model
 from ferkit.preprocess import DEFAULT_MEAN, DEFAULT_STD
-from ferkit.train.distill import StoredViews
+from ferkit.train.distill import VIEWS_FILE, StoredViews
 
 log = logging.getLogger(__name__)
 MEAN, STD = DEFAULT_MEAN, DEFAULT_STD  # ferkit.preprocess owns the normalisation
@@ -75,6 +75,11 @@ def shard(n: int, epoch: int, seed: int, rank: int, world: int) -> torch.Tensor:
     return perm[rank * per : (rank + 1) * per]
 
 
+def show_progress(fabric) -> bool:  # noqa: ANN001 - lightning is imported lazily
+    """Progress bars on rank zero, unless FERKIT_PROGRESS=0."""
+    return fabric.is_global_zero and os.environ.get("FERKIT_PROGRESS", "1") != "0"
+
+
 def train_one_epoch(
     fabric,
     model: nn.Module,
@@ -99,7 +104,7 @@ def train_one_epoch(
     nb = max(1, len(idx) // cfg.batch_size)
     tot_loss = tot_ok = seen = seen_labelled = steps = 0
     bar = None
-    if fabric.is_global_zero and os.environ.get("FERKIT_PROGRESS", "1") != "0":
+    if show_progress(fabric):
         from tqdm import tqdm
 
         bar = tqdm(total=nb, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
@@ -409,8 +414,6 @@ def make_teachers(cfg: TrainConfig, classes: list[str], device: torch.device):  
 def stored_views(fabric, cfg: TrainConfig, teachers, images: torch.Tensor, augment: BatchAugment):  # noqa: ANN001,ANN201
     """``distill_views``: the stored views of the run directory if they were made for this run, else made now (the
     teachers label every view once) and stored for a resume or a repeat."""
-    from ferkit.train.distill import VIEWS_FILE
-
     path = Path(cfg.out) / VIEWS_FILE
     key = StoredViews.make_key(teachers, images, cfg)
     views = StoredViews.load(path, key, device=images.device)
@@ -419,7 +422,7 @@ def stored_views(fabric, cfg: TrainConfig, teachers, images: torch.Tensor, augme
         return views
     t0 = time.perf_counter()
     views = StoredViews.build(teachers, images, augment, cfg, autocast=fabric.autocast, key=key,
-                              progress=fabric.is_global_zero and os.environ.get("FERKIT_PROGRESS", "1") != "0")
+                              progress=show_progress(fabric))
     fabric.print(f"teacher soft labels: {views.views} views of {len(images)} faces in "
                  f"{time.perf_counter() - t0:.0f}s, stored in {path}")
     if fabric.is_global_zero:

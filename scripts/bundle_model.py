@@ -183,10 +183,15 @@ def pct(v: float) -> str:
 
 
 def tta_text(meta: ModelMeta, r: dict[str, Any]) -> str:
-    """What the card says about test-time augmentation: built into a flip(...) model, else an evaluate option."""
-    if meta.arch.startswith("flip("):
-        return ("flip TTA is built into the model (architecture `flip(...)`): the Recognizer, the server and the ONNX "
-                f"graph apply it, and the speed below counts it; with ten-crop TTA instead {pct(r['accuracy_tta_tencrop'])}")
+    """What the card says about test-time augmentation: built into a flip(...)/views[...] model, else an evaluate
+    option."""
+    from ferkit.models.ensemble import tta_wrapped
+
+    wrapped = tta_wrapped(meta.arch)
+    if wrapped:
+        return (f"TTA over the views {' + '.join(wrapped[0])} is built into the model (architecture "
+                f"`{meta.arch.split('(')[0]}(...)`): the Recognizer, the server and the ONNX graph apply it, and the "
+                f"speed below counts it; with ten-crop TTA on top {pct(r['accuracy_tta_tencrop'])}")
     return (f"with flip TTA {pct(r['accuracy_tta_flip'])}, ten-crop TTA {pct(r['accuracy_tta_tencrop'])} "
             "(`evaluate --tta`; the Recognizer does not apply them)")
 

@@ -61,3 +61,62 @@ def test_wrap_script_recognizer_and_onnx_agree(faces: np.ndarray, tmp_path: Path
 def test_flip_of_nothing_is_refused() -> None:
     with pytest.raises(ValueError, match="no architecture inside flip"):
         create_model("flip()", num_classes=3)
+
+
+@needs_data
+def test_views_model_averages_exactly_its_views(faces: np.ndarray) -> None:
+    """views[orig+zoom_flip](a): the mean softmax of the face and the mirrored centre crop of its 12.5% upscale, the
+    very crop ten-crop TTA uses (evaluate.tta_views' fifth crop, mirrored)."""
+    from ferkit.evaluate import tta_views
+    from ferkit.models.ensemble import view
+
+    net, _ = load_model("fer3")
+    wrapped = create_model("views[orig+zoom_flip](fastcnn)", num_classes=3).eval()
+    assert set(wrapped.state_dict()) == {f"net.{k}" for k in net.state_dict()}
+    wrapped.net.load_state_dict(net.state_dict())
+    x = (torch.as_tensor(faces).float()[:, None] / 255 - 0.5) / 0.25
+    crops = tta_views(x, "tencrop")
+    torch.testing.assert_close(view(x, "zoom"), crops[4])
+    torch.testing.assert_close(view(x, "zoom_flip"), crops[9])
+    with torch.no_grad():
+        want = (torch.softmax(net(x), 1) + torch.softmax(net(crops[9]), 1)) / 2
+        torch.testing.assert_close(torch.softmax(wrapped(x), 1), want, atol=1e-6, rtol=1e-5)
+        # not the flip model: a different second view gives different scores
+        flip = (torch.softmax(net(x), 1) + torch.softmax(net(x.flip(3)), 1)) / 2
+        assert (want - flip).abs().max() > 0.01
+
+
+@needs_data
+def test_views_of_an_ensemble_run_the_same_in_torch_and_onnx(faces: np.ndarray, tmp_path: Path) -> None:
+    """wrap_flip.py --views on a packed ensemble: one model file whose TTA the Recognizer applies in both backends."""
+    from ferkit.ensemble import pack_ensemble
+
+    packed = tmp_path / "ens.safetensors"
+    pack_ensemble(["fer3", "fer3"], str(packed))
+    out = tmp_path / "ens-views.safetensors"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "wrap_flip.py"), str(packed), str(out), "--views",
+                    "orig,flip,zoom,zoom_flip"], check=True, capture_output=True)
+    assert read_meta(out).arch == "views[orig+flip+zoom+zoom_flip](ensemble(fastcnn,fastcnn))"
+    p_torch = Recognizer(str(out), backend="torch").classify(faces)
+    p_onnx = Recognizer(str(out), backend="onnx").classify(faces)
+    np.testing.assert_allclose(p_torch, p_onnx, atol=1e-4)
+    # both views and their mirrors are in: a mirrored face scores the same
+    np.testing.assert_allclose(Recognizer(str(out), backend="onnx").classify(faces[:, :, ::-1].copy()), p_onnx,
+                               atol=1e-4)
+    assert np.abs(Recognizer("fer3", backend="onnx").classify(faces) - p_onnx).max() > 0.01
+
+
+def test_views_members_inside_an_ensemble_and_bad_views() -> None:
+    from ferkit.models.ensemble import ViewTTA, tta_arch, tta_inner
+
+    net = create_model("ensemble(views[orig+zoom_flip](fastcnn),flip(fastcnn))", num_classes=3)
+    assert [type(m).__name__ for m in net.members] == ["ViewTTA", "FlipTTA"]
+    assert net.members[0].views == ("orig", "zoom_flip")
+    assert tta_arch(("orig", "flip"), "fastcnn") == "flip(fastcnn)"
+    assert tta_inner("views[zoom](fastcnn_xl)") == "fastcnn_xl" and tta_inner("fastcnn") is None
+    assert isinstance(create_model("views[zoom](fastcnn)", num_classes=3), ViewTTA)
+    for bad in ("views[orig+sideways](fastcnn)", "views[orig+orig](fastcnn)", "views[](fastcnn)"):
+        with pytest.raises(ValueError, match="give distinct views"):
+            create_model(bad, num_classes=3)
+    with pytest.raises(ValueError, match="no architecture inside"):
+        create_model("views[orig]()", num_classes=3)

@@ -219,10 +219,10 @@ def cmd_train(a: argparse.Namespace, extra: dict[str, Any] | None = None) -> int
     if ov.get("init") and not ov.get("model") and not a.resume:
         # a warm restart (--init fer7-large) continues the same architecture unless --model says otherwise
         from ferkit.modelfile import read_meta, resolve_model_path
-        from ferkit.models.ensemble import flip_inner
+        from ferkit.models.ensemble import tta_inner
 
         arch = read_meta(resolve_model_path(str(ov["init"]))).arch
-        ov["model"] = flip_inner(arch) or arch  # flip(...) TTA is for inference: train the network inside
+        ov["model"] = tta_inner(arch) or arch  # flip(...)/views[...] TTA is for inference: train the network inside
     config_file = a.config
     if a.resume:
         out = Path(ov["out"]) if ov.get("out") else _latest_run()
@@ -429,19 +429,22 @@ def cmd_models(a: argparse.Namespace) -> int:
     def pct(v: float | None) -> str:
         return f"{v * 100:.2f}%" if v is not None else "-"
 
+    from ferkit.models.ensemble import tta_wrapped
+
     rows.sort(key=lambda r: (r["tier"] != "fast", r["name"]))
     aw = max([len(r["arch"]) for r in rows] + [4]) + 2
     print(f"{'name':<12}{'tier':<7}{'arch':<{aw}}{'input':<7}{'val acc':<9}{'flip':<9}{'10-crop':<9}{'faces/s':<9}"
           f"{'size':<9}classes")
     for r in rows:
         tta, fps = r["validation_accuracy_tta"], r["faces_per_second"]
-        flip = "in model" if r["arch"].startswith("flip(") else pct(tta.get("flip"))
+        flip = "in model" if tta_wrapped(r["arch"]) else pct(tta.get("flip"))
         print(
             f"{r['name']:<12}{r['tier']:<7}{r['arch']:<{aw}}{r['input_size']:<7}{pct(r['validation_accuracy']):<9}"
             f"{flip:<9}{pct(tta.get('tencrop')):<9}{(f'{fps:,}' if fps else '-'):<9}"
             f"{r['size_mb']:<6.2f}MB {','.join(r['classes'])}"
         )
-    print("val acc: FER2013 validation (PublicTest), as the model runs (a flip(...) model's TTA is in the model); "
+    print("val acc: FER2013 validation (PublicTest), as the model runs (a flip(...) or views[...] model's TTA is in "
+          "the model); "
           "flip / 10-crop: with `evaluate --tta`; faces/s: onnxruntime, batch 256, measured when bundled "
           "(`ferkit models --card NAME` for more)")
     return 0

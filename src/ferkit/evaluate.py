@@ -35,8 +35,10 @@ def tta_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
     if tta == "flip":
         return [x, x.flip(-1)]
     if tta == "tencrop":
+        from ferkit.models.ensemble import upscaled
+
         s = x.shape[-1]
-        big = F.interpolate(x, size=(s + s // 8, s + s // 8), mode="bilinear", align_corners=False)
+        big = upscaled(x)
         d = big.shape[-1] - s
         offs = [(0, 0), (0, d), (d, 0), (d, d), (d // 2, d // 2)]
         crops = [big[..., i : i + s, j : j + s] for i, j in offs]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 ENSEMBLE_PREFIX = "ensemble("
 FLIP_PREFIX = "flip("
@@ -47,32 +48,83 @@ def ensemble_members(arch: str) -> list[str] | None:
     return members
 
 
-class FlipTTA(nn.Module):
-    """A network with horizontal-flip test-time augmentation built in: the average of its softmax on the face and on
-    the mirrored face, as log-probabilities (valid logits), like :class:`Ensemble`.
+# Views a model may carry as built-in test-time augmentation (``views[a+b+...](<arch>)``): the face, its mirror, and
+# the centre crop of a 12.5% upscale (``evaluate --tta tencrop``'s centre crop) and its mirror.
+VIEW_NAMES = ("orig", "flip", "zoom", "zoom_flip")
+VIEWS_PREFIX = "views["
 
-    Its architecture string is ``flip(<arch>)`` and its weights are the network's under ``net.``, so the TTA travels
-    in the model file: the Recognizer, the server, evaluation and the exported ONNX graph all apply it, and its speed
-    counts it (two passes per face).
+
+def upscaled(x: torch.Tensor) -> torch.Tensor:
+    """A B×C×S×S batch enlarged by 12.5% (S + S//8 a side, bilinear): where the ten crops and the zoom view come from."""
+    s = x.shape[-1]
+    return F.interpolate(x, size=(s + s // 8, s + s // 8), mode="bilinear", align_corners=False)
+
+
+def view(x: torch.Tensor, name: str) -> torch.Tensor:
+    """One of :data:`VIEW_NAMES` of a normalised B×C×S×S batch."""
+    if name in ("orig", "flip"):
+        return x if name == "orig" else torch.flip(x, dims=[3])
+    s = x.shape[-1]
+    d = (s // 8) // 2
+    crop = upscaled(x)[..., d : d + s, d : d + s]
+    return crop if name == "zoom" else torch.flip(crop, dims=[3])
+
+
+class ViewTTA(nn.Module):
+    """A network with test-time augmentation built in: the average of its softmax over ``views`` of the face, as
+    log-probabilities (valid logits), like :class:`Ensemble`.
+
+    Its architecture string is ``views[orig+zoom_flip](<arch>)`` (``flip(<arch>)`` for the face and its mirror) and
+    its weights are the network's under ``net.``, so the TTA travels in the model file: the Recognizer, the server,
+    evaluation and the exported ONNX graph all apply it, and its speed counts it (one pass per view and face). Inside
+    an ensemble each member may carry its own views: ``ensemble(views[orig+zoom_flip](a),flip(b))``.
     """
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, views: tuple[str, ...] = ("orig", "flip")) -> None:
         super().__init__()
+        bad = [v for v in views if v not in VIEW_NAMES]
+        if not views or bad or len(set(views)) != len(views):
+            raise ValueError(f"views {'+'.join(views) or '(none)'}: give distinct views from {', '.join(VIEW_NAMES)}")
         self.net = net
+        self.views = tuple(views)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One call on the face and its mirror stacked: the network is traced once (torch.fx's conv+BN fusion would
-        # corrupt a module called twice) and runs one batch of 2N instead of two of N.
-        n = x.shape[0]
-        p = torch.softmax(self.net(torch.cat([x, torch.flip(x, dims=[3])])).float(), dim=1)
-        return torch.log(((p[:n] + p[n:]) / 2).clamp_min(1e-12))
+        # One call on all views stacked: the network is traced once (torch.fx's conv+BN fusion would corrupt a module
+        # called twice) and runs one batch of k·N instead of k of N.
+        k = len(self.views)
+        p = torch.softmax(self.net(torch.cat([view(x, v) for v in self.views])).float(), dim=1)
+        return torch.log(p.reshape(k, -1, p.shape[1]).mean(0).clamp_min(1e-12))
 
 
-def flip_inner(arch: str) -> str | None:
-    """The wrapped architecture of ``flip(<arch>)``, or None if ``arch`` is not one."""
-    if not (arch.startswith(FLIP_PREFIX) and arch.endswith(")")):
+class FlipTTA(ViewTTA):
+    """:class:`ViewTTA` on the face and its mirror: architecture ``flip(<arch>)``."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__(net, ("orig", "flip"))
+
+
+def tta_arch(views: tuple[str, ...], inner: str) -> str:
+    """The architecture string of ``inner`` with ``views`` built in (``flip(...)`` for the face and its mirror)."""
+    if tuple(views) == ("orig", "flip"):
+        return f"{FLIP_PREFIX}{inner})"
+    return f"{VIEWS_PREFIX}{'+'.join(views)}]({inner})"
+
+
+def tta_wrapped(arch: str) -> tuple[tuple[str, ...], str] | None:
+    """(views, inner architecture) of ``flip(<arch>)`` or ``views[a+b](<arch>)``; None for a network without TTA."""
+    if arch.startswith(FLIP_PREFIX) and arch.endswith(")"):
+        views, inner = ("orig", "flip"), arch[len(FLIP_PREFIX) : -1].strip()
+    elif arch.startswith(VIEWS_PREFIX) and "](" in arch and arch.endswith(")"):
+        head, _, rest = arch[len(VIEWS_PREFIX) :].partition("](")
+        views, inner = tuple(v.strip() for v in head.split("+")), rest[:-1].strip()
+    else:
         return None
-    inner = arch[len(FLIP_PREFIX) : -1].strip()
     if not inner:
-        raise ValueError(f"'{arch}': no architecture inside flip()")
-    return inner
+        raise ValueError(f"'{arch}': no architecture inside {arch.split('(')[0]}()")
+    return views, inner
+
+
+def tta_inner(arch: str) -> str | None:
+    """The wrapped architecture of a model with built-in TTA (``flip(<arch>)``, ``views[...](<arch>)``), or None."""
+    wrapped = tta_wrapped(arch)
+    return wrapped[1] if wrapped else None

@@ -65,18 +65,21 @@ def create_model(name: str, *, num_classes: int, in_chans: int = 1, pretrained: 
 
     Args:
         name: a built-in name from :func:`list_models`, ``timm/<timm model name>``, ``ensemble(a,b,...)`` of those,
-            or ``flip(a)``: ``a`` with flip test-time augmentation in the model itself.
+            ``flip(a)``: ``a`` with flip test-time augmentation in the model itself, or ``views[orig+zoom_flip](a)``:
+            ``a`` with those views built in (see :data:`ferkit.models.ensemble.VIEW_NAMES`).
         num_classes: number of output logits.
         in_chans: 1 for grayscale input, 3 for RGB.
         pretrained: load ImageNet weights (timm backbones only; needs network access the first time).
     """
-    from ferkit.models.ensemble import Ensemble, FlipTTA, ensemble_members, flip_inner
+    from ferkit.models.ensemble import Ensemble, FlipTTA, ViewTTA, ensemble_members, tta_wrapped
 
-    inner = flip_inner(name)
-    if inner is not None:  # flip(a): a with flip test-time augmentation built in (see ferkit.models.ensemble)
+    wrapped = tta_wrapped(name)
+    if wrapped is not None:  # flip(a), views[...](a): a with test-time augmentation built in (ferkit.models.ensemble)
         if pretrained:
-            raise ConfigError("flip(...) wraps a trained model; --pretrained does not apply")
-        return FlipTTA(create_model(inner, num_classes=num_classes, in_chans=in_chans))
+            raise ConfigError(f"{name.split('(')[0]}(...) wraps a trained model; --pretrained does not apply")
+        views, inner = wrapped
+        net = create_model(inner, num_classes=num_classes, in_chans=in_chans)
+        return FlipTTA(net) if views == ("orig", "flip") else ViewTTA(net, views)
     members = ensemble_members(name)
     if members is not None:  # ensemble(a,b,...): built from its members' names (see ferkit.models.ensemble)
         if pretrained:

@@ -586,13 +586,13 @@ def _init_from(model: nn.Module, cfg: TrainConfig, classes: list[str], fabric) -
     """Fine-tuning: copy a trained model's weights; rows of the classifier are matched by class name."""
     from ferkit.modelfile import load_model
 
-    from ferkit.models.ensemble import flip_inner
+    from ferkit.models.ensemble import tta_inner
 
     src, meta = load_model(cfg.init)
-    if flip_inner(meta.arch) == cfg.model:  # a model with built-in flip TTA (fer7-large): train the network inside
+    if tta_inner(meta.arch) == cfg.model:  # a model with built-in TTA (fer7-large): train the network inside
         src = src.net
     elif meta.arch != cfg.model:
-        use = flip_inner(meta.arch) or meta.arch
+        use = tta_inner(meta.arch) or meta.arch
         raise ConfigError(
             f"--set init={cfg.init}: it is a '{meta.arch}' model, not '{cfg.model}' (use --model {use})"
         )

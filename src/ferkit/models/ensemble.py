@@ -55,7 +55,7 @@ VIEWS_PREFIX = "views["
 
 
 def upscaled(x: torch.Tensor) -> torch.Tensor:
-    """A B×C×S×S batch enlarged by 12.5% (S + S//8 a side, bilinear): where the ten crops and the zoom view come from."""
+    """A B×C×S×S batch enlarged by 12.5% (S + S//8 a side, bilinear): the source of the ten crops and the zoom view."""
     s = x.shape[-1]
     return F.interpolate(x, size=(s + s // 8, s + s // 8), mode="bilinear", align_corners=False)
 

@@ -346,16 +346,33 @@ def speed_text(name: str, r: dict[str, Any], arch: str) -> str:
     return f"**{fps:,.0f} faces/s** (onnxruntime, batch 256, 2 cores, `benchmarks/infer_speed.py` on an idle machine); {here}"
 
 
-def refresh_speed(name: str, card: Path, card_json: Path) -> None:
-    """Rewrite the speed row of a bundled model's card from its bundling measurements and infer_speed.json."""
+def refresh_speed(name: str, to: Path, cards: Path, data: Path) -> None:
+    """Measure a bundled model's speed again (on an idle machine) and rewrite every place that states it: the model
+    file's ``faces_per_second`` (weights copied bit for bit), its card JSON, its card's speed row (with
+    infer_speed.json's number when that is for this architecture) and its ONNX sibling, which records the file's
+    digest. The accuracy, the calibration and everything else measured while bundling are kept as they are."""
+    from ferkit import Recognizer
+    from ferkit.export import write_sibling
     from ferkit.fsutil import atomic_write_text
 
+    dst, card, card_json = to / f"{name}.safetensors", to / f"{name}.md", cards / f"{name}.json"
+    meta = read_meta(dst)
+    rec = Recognizer(model=str(dst), backend="onnx" if _has_onnxruntime() else "torch")
+    faces, _ = validation_faces(meta, data)
     r = json.loads(card_json.read_text())
-    meta = read_meta(resolve_model_path(name))
+    old = r.get("faces_per_second")
+    r.update({"faces_per_second": faces_per_second(rec, faces), "backend": rec.backend,
+              "load_average": os.getloadavg()[0]})
+    del rec
+    meta = dataclasses.replace(meta, metrics={**meta.metrics, "faces_per_second": round(r["faces_per_second"])})
+    copy_weights(dst, dst, meta)
+    atomic_write_text(card_json, json.dumps(r, indent=2) + "\n")
     row = f"| speed | {speed_text(name, r, meta.arch)} |"
     text = re.sub(r"^\| speed \|.*\|$", lambda _: row, card.read_text(), count=1, flags=re.M)
     atomic_write_text(card, text)
-    print(f"{card}: {row}")
+    sib = write_sibling(dst)
+    print(f"{dst}: {old:,.0f} -> {r['faces_per_second']:,.0f} faces/s (load average {r['load_average']:.1f}); "
+          f"{card}: {row}; {sib['path']} rewritten")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -369,14 +386,15 @@ def main(argv: list[str] | None = None) -> None:
                     help="fast (>= 3,000 faces/s) or large (the accurate tier); default: large for NAME-large")
     ap.add_argument("--no-onnx", action="store_true", help="do not write the ONNX sibling")
     ap.add_argument("--refresh-speed", action="store_true",
-                    help="only rewrite the card's speed row (after benchmarks/infer_speed.py ran on an idle machine)")
+                    help="only measure the speed again and rewrite it in the model file, its card and its ONNX "
+                         "sibling (on an idle machine; SRC is ignored)")
     ap.add_argument("--to", default=str(WEIGHTS_DIR), help="where bundled models live (default: the package's)")
     ap.add_argument("--cards", default=str(CARDS), help="where the card's plots and JSON go (default %(default)s)")
     a = ap.parse_args(argv)
     a.tier = a.tier or ("large" if a.name.endswith("-large") else "fast")
     cards = Path(a.cards)
     if a.refresh_speed:
-        refresh_speed(a.name, Path(a.to) / f"{a.name}.md", cards / f"{a.name}.json")
+        refresh_speed(a.name, Path(a.to), cards, Path(a.data))
         return
 
     from ferkit.evaluate import model_logits

@@ -89,3 +89,42 @@ def test_fer3_end_to_end_on_wild_photos() -> None:
             ok += faces.faces[0].label == c
             n += 1
     assert ok / n >= 0.75, f"{ok}/{n} wild-dev photos right"
+
+
+@needs_data
+def test_refresh_speed_rewrites_the_stored_speed_everywhere(tmp_path: Path) -> None:
+    """bundle_model.py --refresh-speed on a copy of fer3: the file's faces/s, its card JSON and card row take the new
+    measurement, the weights stay bit-identical and the ONNX sibling is rewritten for the new file's digest."""
+    import shutil
+    import subprocess
+    import sys
+
+    from safetensors.numpy import load_file
+
+    from ferkit.modelfile import SOURCE_DIGEST_KEY, file_digest, onnx_sibling
+
+    repo = Path(__file__).resolve().parents[1]
+    src = bundled_models()["fer3"]
+    to, cards = tmp_path / "weights", tmp_path / "cards"
+    to.mkdir()
+    cards.mkdir()
+    for suffix in (".safetensors", ".onnx", ".md"):
+        shutil.copy(src.with_suffix(suffix), to / f"fer3{suffix}")
+    shutil.copy(repo / "benchmarks" / "cards" / "fer3.json", cards / "fer3.json")
+    card = json.loads((cards / "fer3.json").read_text())
+    card["faces_per_second"] = 1.0  # a stale figure to be replaced
+    (cards / "fer3.json").write_text(json.dumps(card))
+    subprocess.run([sys.executable, str(repo / "scripts" / "bundle_model.py"), "fer3", "fer3", "--refresh-speed",
+                    "--to", str(to), "--cards", str(cards), "--data", str(DATA / "fer2013")], check=True,
+                   capture_output=True, text=True)
+    new = to / "fer3.safetensors"
+    fps = json.loads((cards / "fer3.json").read_text())["faces_per_second"]
+    assert fps > 100 and read_meta(new).metrics["faces_per_second"] == round(fps)
+    assert read_meta(new).metrics["accuracy"] == read_meta(src).metrics["accuracy"]
+    a, b = load_file(str(src)), load_file(str(new))
+    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    assert f"{fps:,.0f} faces/s measured while bundling" in (to / "fer3.md").read_text()
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(onnx_sibling(new))).metadata_props}
+    assert props[SOURCE_DIGEST_KEY] == file_digest(new) != file_digest(src)

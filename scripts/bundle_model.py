@@ -332,7 +332,8 @@ def speed_text(name: str, r: dict[str, Any], arch: str) -> str:
     """The card's speed: ``benchmarks/infer_speed.py``'s number when it was measured on an idle machine for a model of
     this architecture (speed does not depend on the weights), and the one measured while bundling (with the load
     average then: other processes only slow it down)."""
-    here = (f"{r['faces_per_second']:,.0f} faces/s measured while bundling ({r['backend']}, batch 256, load average "
+    here = (f"{r['faces_per_second']:,.0f} faces/s measured {r.get('speed_when', 'while bundling')} ({r['backend']}, "
+            f"batch 256, load average "
             f"{r['load_average']:.1f})")
     try:
         bench = json.loads((REPO / "benchmarks" / "infer_speed.json").read_text())
@@ -362,7 +363,7 @@ def refresh_speed(name: str, to: Path, cards: Path, data: Path) -> None:
     r = json.loads(card_json.read_text())
     old = r.get("faces_per_second")
     r.update({"faces_per_second": faces_per_second(rec, faces), "backend": rec.backend,
-              "load_average": os.getloadavg()[0]})
+              "load_average": os.getloadavg()[0], "speed_when": "again after bundling (--refresh-speed)"})
     del rec
     meta = dataclasses.replace(meta, metrics={**meta.metrics, "faces_per_second": round(r["faces_per_second"])})
     copy_weights(dst, dst, meta)

@@ -60,14 +60,18 @@ def upscaled(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, size=(s + s // 8, s + s // 8), mode="bilinear", align_corners=False)
 
 
-def view(x: torch.Tensor, name: str) -> torch.Tensor:
-    """One of :data:`VIEW_NAMES` of a normalised B×C×S×S batch."""
-    if name in ("orig", "flip"):
-        return x if name == "orig" else torch.flip(x, dims=[3])
+def views_of(x: torch.Tensor, names: tuple[str, ...]) -> list[torch.Tensor]:
+    """The named :data:`VIEW_NAMES` of a normalised B×C×S×S batch (one zoom crop serves both zoom views)."""
     s = x.shape[-1]
     d = (s // 8) // 2
-    crop = upscaled(x)[..., d : d + s, d : d + s]
-    return crop if name == "zoom" else torch.flip(crop, dims=[3])
+    crop = upscaled(x)[..., d : d + s, d : d + s] if {"zoom", "zoom_flip"} & set(names) else None
+    base = {"orig": x, "flip": x, "zoom": crop, "zoom_flip": crop}
+    return [torch.flip(base[n], dims=[3]) if n.endswith("flip") else base[n] for n in names]
+
+
+def view(x: torch.Tensor, name: str) -> torch.Tensor:
+    """One of :data:`VIEW_NAMES` of a normalised B×C×S×S batch."""
+    return views_of(x, (name,))[0]
 
 
 class ViewTTA(nn.Module):
@@ -92,7 +96,7 @@ class ViewTTA(nn.Module):
         # One call on all views stacked: the network is traced once (torch.fx's conv+BN fusion would corrupt a module
         # called twice) and runs one batch of k·N instead of k of N.
         k = len(self.views)
-        p = torch.softmax(self.net(torch.cat([view(x, v) for v in self.views])).float(), dim=1)
+        p = torch.softmax(self.net(torch.cat(views_of(x, self.views))).float(), dim=1)
         return torch.log(p.reshape(k, -1, p.shape[1]).mean(0).clamp_min(1e-12))
 
 

@@ -74,7 +74,7 @@ def timed_track(clip: Path, rounds: int) -> tuple[float, int, int]:
 
 
 def timed_predict(clip: Path, rounds: int) -> float:
-    from ferkit.infer.predict import run_predict
+    from ferkit.cli.predict import run_predict
 
     best = float("inf")
     with open(os.devnull, "w") as null:

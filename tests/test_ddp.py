@@ -22,8 +22,9 @@ def test_two_cpu_processes_end_with_identical_weights(make_tiny_dataset: Callabl
     out, dump = tmp_path / "run", tmp_path / "ranks"
     # Fabric's launcher starts rank 1 by re-running this very command (python -m ferkit …).
     cmd = [sys.executable, "-m", "ferkit", "train", "--data", str(data), "--devices", "2", "--device", "cpu",
-           "--max-steps", "3", "--epochs", "1", "--batch-size", "4", "--out", str(out)]
-    env = {**os.environ, "FERKIT_DUMP_RANK_WEIGHTS": str(dump), "OMP_NUM_THREADS": "1"}
+           "--max-steps", "3", "--epochs", "1", "--batch-size", "4", "--out", str(out),
+           "--set", f"rank_weights={dump}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=360, env=env, check=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "Traceback" not in r.stderr, r.stderr[-3000:]

@@ -112,6 +112,9 @@ def test_metrics_live_in_metrics_py_and_old_names_still_import() -> None:
                  "plot_confusion", "plot_curves"):
         assert getattr(ev, name) is getattr(mt, name), name
     assert ens.evaluate_models is ev.evaluate_models and ens.ensemble_probs is ev.ensemble_probs
+    from ferkit.export import pack_ensemble  # an export: it lives in export.py, its old import path still works
+
+    assert ens.pack_ensemble is pack_ensemble
     # the metrics need neither torch nor matplotlib until a plot is drawn
     code = "import sys, ferkit.metrics; print('torch' in sys.modules, 'matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

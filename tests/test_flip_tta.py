@@ -89,7 +89,7 @@ def test_views_model_averages_exactly_its_views(faces: np.ndarray) -> None:
 @needs_data
 def test_views_of_an_ensemble_run_the_same_in_torch_and_onnx(faces: np.ndarray, tmp_path: Path) -> None:
     """wrap_flip.py --views on a packed ensemble: one model file whose TTA the Recognizer applies in both backends."""
-    from ferkit.ensemble import pack_ensemble
+    from ferkit.export import pack_ensemble
 
     packed = tmp_path / "ens.safetensors"
     pack_ensemble(["fer3", "fer3"], str(packed))

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ferkit.infer.predict import run_predict
+from ferkit.cli.predict import run_predict
 from ferkit.modelfile import ModelMeta, save_model
 from ferkit.models import create_model
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from videoclips import WILD, Actor, gap_clip, load_face, write_clip
 
-from ferkit.infer.predict import run_predict, run_track
+from ferkit.cli.predict import run_predict, run_track
 from ferkit.infer.report import VideoReport
 from ferkit.infer.results import Face, Results
 from ferkit.infer.track import ScoreSmoother

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from ferkit.cli import main
 from ferkit.config import make_config
-from ferkit.ensemble import ensemble_probs
+from ferkit.evaluate import ensemble_probs
 from ferkit.evaluate import evaluate_probs
 from ferkit.modelfile import ModelMeta, load_model, read_meta, save_model
 from ferkit.models import create_model

@@ -47,7 +47,7 @@ def _wait(c, job_id: str, timeout: float = 60.0) -> dict:
 
 
 def test_upload_poll_result_matches_the_cli(tmp_path: Path, clips: dict[str, Path]) -> None:
-    from ferkit.infer.predict import run_track
+    from ferkit.cli.predict import run_track
 
     with _client(tmp_path / "state") as c:
         r = c.post("/v1/videos", files={"file": ("gap.mp4", clips["gap"].read_bytes(), "video/mp4")})

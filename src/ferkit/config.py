@@ -66,6 +66,9 @@ class TrainConfig:
     # store them in the run directory (teacher_views.safetensors) and train on those views: the teachers are then
     # paid once, not at every step of every epoch. 0 = the teachers label each freshly augmented batch
     distill_views: int = 0
+    # write every process's final weights to <dir>/rank<N>.safetensors before rank 0 writes the run: lets a check of
+    # distributed training compare the ranks (they must agree). "" = off
+    rank_weights: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

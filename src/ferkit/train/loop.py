@@ -272,10 +272,9 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     images_seen = run_epochs(fabric, cfg, state, model, opt, sched, images, labels, val_images, val_labels,
                              augment, loss_fn, teachers)
     train_seconds = time.perf_counter() - t_train
-    dump = os.environ.get("FERKIT_DUMP_RANK_WEIGHTS")
-    if dump:  # for tests of distributed runs: every rank's final weights, to compare them
-        Path(dump).mkdir(parents=True, exist_ok=True)
-        _save_weights(model, Path(dump) / f"rank{fabric.global_rank}.safetensors")
+    if cfg.rank_weights:  # every rank's final weights, to check that distributed ranks agree
+        Path(cfg.rank_weights).mkdir(parents=True, exist_ok=True)
+        _save_weights(model, Path(cfg.rank_weights) / f"rank{fabric.global_rank}.safetensors")
 
     raw = best_weights(fabric, model, out / "best.ckpt")
     final, plain, cal = final_evaluation(raw, cfg, val_images, data, classes)

@@ -4,8 +4,9 @@ Every input is processed even when some cannot be read: an unreadable one gets a
 ``ferkit: error: PATH: PROBLEM`` on stderr) and the exit status is 1 at the end. Faces are classified in batches
 across images (and video frames) for speed.
 
-The stages live in their own modules: :mod:`ferkit.infer.sources` (inputs → frames), :class:`ferkit.Recognizer`
-(detect → classify) and :mod:`ferkit.infer.sinks` (writers, annotated copies); this module only wires them.
+The stages live in the library: :mod:`ferkit.infer.sources` (inputs → frames), :class:`ferkit.Recognizer`
+(detect → classify) and :mod:`ferkit.infer.sinks` (writers, annotated copies); this module, command-line code, only
+wires them (exit statuses, stderr lines, stdout formats), so it sits in :mod:`ferkit.cli` beside the argument parser.
 """
 
 from __future__ import annotations

@@ -256,7 +256,7 @@ def cmd_distill(a: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from ferkit.ensemble import evaluate_models
+    from ferkit.evaluate import evaluate_models
     from ferkit.modelfile import model_specs
 
     if a.min_score is not None and not 0.0 <= a.min_score <= 1.0:
@@ -291,7 +291,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
-    from ferkit.infer.predict import run_predict
+    from ferkit.cli.predict import run_predict
 
     return run_predict(
         a.inputs,
@@ -312,7 +312,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
 
 def cmd_track(a: argparse.Namespace) -> int:
-    from ferkit.infer.predict import run_track
+    from ferkit.cli.predict import run_track
 
     return run_track(a.inputs, out_dir=a.out, model=a.model, every=a.every, save_video=a.save_video,
                      detector=a.detector, backend=a.backend, smooth=a.smooth, quiet=a.quiet,
@@ -330,7 +330,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
     specs = model_specs(a.model)
     if a.format == "ferkit":
-        from ferkit.ensemble import pack_ensemble
+        from ferkit.export import pack_ensemble
 
         r = pack_ensemble(specs, a.out, data=a.data, say=lambda s: print(s, file=sys.stderr))
         acc = r["metrics"].get("accuracy")

@@ -53,18 +53,32 @@ def test_views_are_the_teachers_labels_of_stored_augmented_faces(faces: tuple[Pa
     again = StoredViews.build(teachers, images, augment, cfg, progress=False)
     assert torch.equal(again.images, views.images) and again.key == views.key
 
-    # the key changes with the teachers' weights, the number of views and the augmentation
+    # the key changes with the teachers' weights, the augmentation and the seed, not with the number of views
     other = Teachers(str(teacher_file(tmp_path, 2)), list(H3))
     assert StoredViews.make_key(other, images, cfg) != views.key
-    for change in ({"distill_views": 4}, {"rotate": 5.0}):
+    for change in ({"rotate": 5.0}, {"seed": 6}):
         other_cfg = make_config("quick", {"distill_views": 3, "teacher": "x", "seed": 5, **change})
         assert StoredViews.make_key(teachers, images, other_cfg) != views.key
+    more_cfg = make_config("quick", {"distill_views": 5, "teacher": "x", "seed": 5})
+    assert StoredViews.make_key(teachers, images, more_cfg) == views.key
+
+    # growing: five views made on top of the three keep those three and equal five made from scratch
+    grown = StoredViews.build(teachers, images, augment, more_cfg, progress=False, base=views)
+    fresh = StoredViews.build(teachers, images, augment, more_cfg, progress=False)
+    assert grown.views == 5 and torch.equal(grown.images[:3], views.images)
+    assert torch.equal(grown.images, fresh.images) and torch.equal(grown.logp, fresh.logp)
+    with pytest.raises(ValueError, match="other settings"):
+        StoredViews.build(teachers, images, augment, more_cfg, progress=False,
+                          base=StoredViews(views.images, views.logp, "another key"))
 
     # saved and loaded back only under its own key
     path = tmp_path / VIEWS_FILE
     views.save(path)
     back = StoredViews.load(path, views.key)
     assert back is not None and torch.equal(back.images, views.images) and torch.equal(back.logp, views.logp)
+    first = StoredViews.load(path, views.key, views=2)  # fewer asked: the first ones
+    assert first.views == 2 and torch.equal(first.logp, views.logp[:2])
+    assert StoredViews.load(path, views.key, views=7).views == 3  # more asked: what is stored, to grow
     assert StoredViews.load(path, "another key") is None
     assert StoredViews.load(tmp_path / "missing.safetensors", views.key) is None
     path.write_bytes(b"not a safetensors file")
@@ -104,6 +118,10 @@ def test_distill_with_stored_views_pays_the_teachers_once(faces: tuple[Path, tor
     calls.clear()  # the same run again: the stored views are loaded, the teachers not asked at all
     assert main(argv) == 0
     assert calls == [] and "2 stored views" in capsys.readouterr().out
+
+    calls.clear()  # a third view asked of the same run: only that view is labelled, the two stored ones are kept
+    assert main(argv[:-1] + ["3"]) == 0
+    assert sum(calls) == n and f"3 views of {n} faces (2 of them stored before)" in capsys.readouterr().out
 
     calls.clear()  # without distill_views the teachers label every batch of every epoch
     assert main(argv[:-2] + ["--out", str(tmp_path / "plain")]) == 0

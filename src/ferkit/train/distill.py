@@ -69,7 +69,9 @@ class StoredViews:
     Every training step then picks one stored view per image, so a long, patient distillation costs the student's
     steps only. The views are saved in the run directory under a key of everything they depend on (teachers'
     weights, augmentation, seed, temperature, the training images); a resumed or repeated run with the same key
-    loads them instead of asking the teachers again.
+    loads them instead of asking the teachers again. View ``v`` depends on its index, not on K, so a run that asks
+    for more views than are stored keeps the stored ones and labels only the new ones (``build(..., base=stored)``),
+    and one that asks for fewer uses the first K.
     """
 
     def __init__(self, images: torch.Tensor, logp: torch.Tensor, key: str) -> None:
@@ -95,7 +97,8 @@ class StoredViews:
                 h.update(name.encode())
                 h.update(t.detach().cpu().contiguous().numpy().tobytes())
         h.update(images.cpu().contiguous().numpy().tobytes())
-        fields = ("distill_views", "distill_temp", "seed", "input_size", "augment", "rotate", "scale", "shift", "flip",
+        # not distill_views: view v is the same whatever the number of views, so a stored set can grow
+        fields = ("distill_temp", "seed", "input_size", "augment", "rotate", "scale", "shift", "flip",
                   "erase", "jitter", "classes")
         h.update(json.dumps({f: getattr(cfg, f) for f in fields}, sort_keys=True).encode())
         return h.hexdigest()
@@ -103,24 +106,31 @@ class StoredViews:
     @classmethod
     @torch.no_grad()
     def build(cls, teachers: Teachers, images: torch.Tensor, augment, cfg, *, autocast=None,  # noqa: ANN001
-              progress: bool = True, key: str | None = None) -> StoredViews:
+              progress: bool = True, key: str | None = None, base: StoredViews | None = None) -> StoredViews:
         """Augment every image ``cfg.distill_views`` times and label each view with the teachers (at ``autocast``).
 
-        The views depend only on the images, the augmentation settings and the seed (fixed batches of
-        ``VIEW_BATCH`` draw the random numbers), so the same run makes the same views.
+        The views depend only on the images, the augmentation settings, the seed and their index (fixed batches of
+        ``VIEW_BATCH`` draw the random numbers), so the same run makes the same views. ``base``: views already made
+        under the same key; they are kept and only views ``base.views .. K-1`` are made.
         """
         import contextlib
 
         n, k = len(images), cfg.distill_views
         key = key or cls.make_key(teachers, images, cfg)  # the caller may have computed it to look for stored ones
+        start = 0 if base is None else min(base.views, k)
         out = torch.empty((k, n, cfg.input_size, cfg.input_size), dtype=torch.uint8, device=images.device)
         logp = torch.empty((k, n, len(teachers.index[0])), dtype=torch.float16, device=images.device)
+        if start:
+            if base.key != key or base.images.shape[1:] != out.shape[1:] or base.logp.shape[1:] != logp.shape[1:]:
+                raise ValueError("stored views made under other settings cannot be extended")
+            out[:start], logp[:start] = base.images[:start], base.logp[:start]
         bar = None
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=k * n, desc="teacher soft labels", unit="face", leave=False, dynamic_ncols=True)
-        for v in range(k):
+            bar = tqdm(total=(k - start) * n, desc="teacher soft labels", unit="face", leave=False,
+                       dynamic_ncols=True)
+        for v in range(start, k):
             g = torch.Generator(device=images.device).manual_seed(cfg.seed * 15_485_863 + v)
             for b in range(0, n, VIEW_BATCH):
                 x01 = augment.unit(images[b : b + VIEW_BATCH], generator=g)
@@ -144,8 +154,10 @@ class StoredViews:
                       metadata={"key": self.key, "format": "ferkit-teacher-views-1"})
 
     @classmethod
-    def load(cls, path, key: str, device: torch.device | str = "cpu") -> StoredViews | None:  # noqa: ANN001
-        """The views stored at ``path`` if they were made under ``key``; None if absent, stale or unreadable."""
+    def load(cls, path, key: str, device: torch.device | str = "cpu",  # noqa: ANN001 - str | Path
+             views: int | None = None) -> StoredViews | None:
+        """The views stored at ``path`` if they were made under ``key`` (the first ``views`` of them when more are
+        stored; all of them, perhaps fewer, otherwise); None if absent, stale or unreadable."""
         from pathlib import Path
 
         from safetensors import SafetensorError, safe_open
@@ -156,6 +168,8 @@ class StoredViews:
             with safe_open(str(path), framework="pt", device=str(device)) as f:
                 if (f.metadata() or {}).get("key") != key:
                     return None
-                return cls(f.get_tensor("images"), f.get_tensor("logp"), key)
+                sl = f.get_slice("images")
+                k = sl.get_shape()[0] if views is None else min(views, sl.get_shape()[0])
+                return cls(sl[:k], f.get_slice("logp")[:k], key)
         except (SafetensorError, OSError, KeyError):
             return None

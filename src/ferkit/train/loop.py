@@ -415,14 +415,15 @@ def stored_views(fabric, cfg: TrainConfig, teachers, images: torch.Tensor, augme
     teachers label every view once) and stored for a resume or a repeat."""
     path = Path(cfg.out) / VIEWS_FILE
     key = StoredViews.make_key(teachers, images, cfg)
-    views = StoredViews.load(path, key, device=images.device)
-    if views is not None:
-        fabric.print(f"teacher soft labels: {views.views} stored views of {len(images)} faces from {path}")
-        return views
+    stored = StoredViews.load(path, key, device=images.device, views=cfg.distill_views)
+    if stored is not None and stored.views == cfg.distill_views:
+        fabric.print(f"teacher soft labels: {stored.views} stored views of {len(images)} faces from {path}")
+        return stored
     t0 = time.perf_counter()
     views = StoredViews.build(teachers, images, augment, cfg, autocast=fabric.autocast, key=key,
-                              progress=show_progress(fabric))
-    fabric.print(f"teacher soft labels: {views.views} views of {len(images)} faces in "
+                              progress=show_progress(fabric), base=stored)
+    kept = f" ({stored.views} of them stored before)" if stored is not None else ""
+    fabric.print(f"teacher soft labels: {views.views} views of {len(images)} faces{kept} in "
                  f"{time.perf_counter() - t0:.0f}s, stored in {path}")
     if fabric.is_global_zero:
         path.parent.mkdir(parents=True, exist_ok=True)

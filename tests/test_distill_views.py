@@ -92,6 +92,18 @@ def test_views_are_the_teachers_labels_of_stored_augmented_faces(faces: tuple[Pa
         hits = [v for v in range(3) if torch.equal((x01[row, 0] * 255).round().to(torch.uint8), views.images[v, i])]
         assert hits and torch.equal(soft[row], views.logp[hits[0], i].float())
 
+    # view_flip: the same stored views, some mirrored, with the labels of the view they came from
+    x01, soft = views.batch(torch.arange(10).repeat(8), torch.Generator().manual_seed(1), flip=True)
+    flipped = 0
+    for row, i in enumerate(torch.arange(10).repeat(8).tolist()):
+        face = (x01[row, 0] * 255).round().to(torch.uint8)
+        same = [v for v in range(3) if torch.equal(face, views.images[v, i])]
+        mirrored = [v for v in range(3) if torch.equal(face, views.images[v, i].flip(-1))]
+        assert same or mirrored
+        flipped += not same
+        assert torch.equal(soft[row], views.logp[(same or mirrored)[0], i].float())
+    assert 10 < flipped < 70  # about half of 80
+
 
 def test_distill_with_stored_views_pays_the_teachers_once(faces: tuple[Path, torch.Tensor], tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch,

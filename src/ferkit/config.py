@@ -66,6 +66,9 @@ class TrainConfig:
     # store them in the run directory (teacher_views.safetensors) and train on those views: the teachers are then
     # paid once, not at every step of every epoch. 0 = the teachers label each freshly augmented batch
     distill_views: int = 0
+    # distillation with stored views: mirror a random half of the stored views a step reads, keeping the teachers'
+    # labels (expressions are left-right symmetric), so the student meets twice as many distinct faces
+    view_flip: bool = False
     # write every process's final weights to <dir>/rank<N>.safetensors before rank 0 writes the run: lets a check of
     # distributed training compare the ranks (they must agree). "" = off
     rank_weights: str = ""
@@ -158,6 +161,7 @@ def _validate(cfg: TrainConfig) -> None:
         (not cfg.distill_unlabeled or bool(cfg.teacher), "distill_unlabeled needs teachers (ferkit distill --teacher)"),
         (cfg.distill_views >= 0, "distill_views must be 0 (off) or positive"),
         (not cfg.distill_views or bool(cfg.teacher), "distill_views needs teachers (ferkit distill --teacher)"),
+        (not cfg.view_flip or bool(cfg.distill_views), "view_flip mirrors stored views: it needs distill_views"),
         (cfg.max_steps >= 0 and cfg.early_stop >= 0, "max_steps and early_stop must be 0 (off) or positive"),
     ]
     for ok, msg in checks:

@@ -81,10 +81,16 @@ class StoredViews:
     def views(self) -> int:
         return int(self.images.shape[0])
 
-    def batch(self, j: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """One stored view per index in ``j`` (drawn from ``generator``): faces in [0, 1], teachers' log-probs."""
+    def batch(self, j: torch.Tensor, generator: torch.Generator,
+              flip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """One stored view per index in ``j`` (drawn from ``generator``): faces in [0, 1], teachers' log-probs.
+        ``flip``: each face is mirrored with probability 1/2 (its teachers' labels unchanged)."""
         v = torch.randint(self.views, (len(j),), generator=generator, device=generator.device).to(j.device)
-        return self.images[v, j].float().div_(255.0).unsqueeze(1), self.logp[v, j].float()
+        x01 = self.images[v, j].float().div_(255.0).unsqueeze(1)
+        if flip:
+            m = (torch.rand(len(j), generator=generator, device=generator.device) < 0.5).to(j.device)
+            x01 = torch.where(m[:, None, None, None], x01.flip(-1), x01)
+        return x01, self.logp[v, j].float()
 
     @staticmethod
     def make_key(teachers: Teachers, images: torch.Tensor, cfg) -> str:  # noqa: ANN001 - TrainConfig

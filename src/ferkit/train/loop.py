@@ -114,7 +114,7 @@ def train_one_epoch(
         j = idx[b * cfg.batch_size : (b + 1) * cfg.batch_size].to(images.device)
         soft = None
         if isinstance(teachers, StoredViews):  # distill_views: a stored view per image, labelled once in advance
-            x01, soft = teachers.batch(j, g)
+            x01, soft = teachers.batch(j, g, flip=cfg.view_flip)
         else:
             x01 = augment.unit(images[j], generator=g)
         x = augment.pre.normalise(x01)

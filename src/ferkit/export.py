@@ -438,8 +438,6 @@ def pack_ensemble(specs: list[str], out: str, *, data: str | None = None, split:
         ModelFileError: fewer than two members, or members that disagree.
     """
     from ferkit.errors import ModelFileError
-    from ferkit.evaluate import evaluate_models
-    from ferkit.modelfile import save_model
     from ferkit.models.ensemble import Ensemble, ensemble_arch
 
     if len(specs) < 2:
@@ -471,23 +469,74 @@ def pack_ensemble(specs: list[str], out: str, *, data: str | None = None, split:
         },
         metrics={},
     )
-    path = save_model(out, ens, meta, json_sidecar=False)
-    data = data or first.training.get("data")
-    if data and Path(data).exists():
-        from ferkit.evaluate import model_logits
-        from ferkit.train.calibrate import calibrate
+    return _write_scored(out, ens, meta, data or first.training.get("data"), split, say)
 
-        # Averaging members changes how confident the ensemble is: calibrate the packed model itself, on the split
-        # it is scored on (ECE quoted by cross-fitting, see train.calibrate).
+
+def _write_scored(out: str, net: torch.nn.Module, meta: ModelMeta, data: str | None, split: str,
+                  say: Callable[[str], None]) -> dict[str, Any]:
+    """Save ``net`` as a ferkit model file; when ``data`` is there, calibrate it and store its metrics on ``split``.
+
+    A new combination of weights (averaged members, a cut output layer) is as confident as it is, not as its parts
+    were: it is calibrated itself, on the split it is scored on (ECE quoted by cross-fitting, see train.calibrate).
+    """
+    from ferkit.evaluate import evaluate_models, model_logits
+    from ferkit.modelfile import save_model
+    from ferkit.train.calibrate import calibrate
+
+    meta = dataclasses.replace(meta, temperature=1.0, temperature_poly=(), metrics={})
+    path = save_model(out, net, meta, json_sidecar=False)
+    if data and Path(data).exists():
         z, y, _ = model_logits(str(path), data=data, split=split)
         cal = calibrate(z, y, split=split)
         meta = dataclasses.replace(meta, temperature=cal["temperature"],
                                    temperature_poly=tuple(cal["temperature_poly"]))
-        save_model(path, ens, meta, json_sidecar=False)
+        save_model(path, net, meta, json_sidecar=False)
         m = evaluate_models([str(path)], data=data, split=split, say=say)
         flip = evaluate_models([str(path)], data=data, split=split, tta="flip")
         meta = dataclasses.replace(meta, metrics={
             "val_split": m["split"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
             "accuracy_tta_flip": flip["accuracy"], "n": m["n"], "calibration": cal})
-        save_model(path, ens, meta, json_sidecar=False)
+        save_model(path, net, meta, json_sidecar=False)
     return {"path": str(path), "arch": meta.arch, "metrics": meta.metrics}
+
+
+def restrict_classes(spec: str, classes: list[str], out: str, *, data: str | None = None, split: str = "validation",
+                     say: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Write ``spec`` cut down to ``classes`` (a subset of its own, in the order given) as one ferkit model file.
+
+    Every member's output layer keeps only the rows of those classes, so each member's softmax is its softmax over
+    them (renormalised); an ensemble then averages those, a model's own TTA views stay. A network trained on all
+    seven expressions is often a better happy/sad/neutral classifier than one trained on three: the other four
+    teach it more about faces. The cut model is calibrated and scored like a packed ensemble.
+
+    Raises:
+        ModelFileError: a class the model does not have, or a network whose output layer cannot be found.
+    """
+    from ferkit.errors import ModelFileError
+    from ferkit.models.ensemble import ensemble_members, tta_inner
+
+    net, meta = load_model(spec)
+    missing = [c for c in classes if c not in meta.classes]
+    if missing or len(classes) < 2:
+        raise ModelFileError(f"{spec}: cannot keep classes {', '.join(missing or classes)}: it has "
+                             f"{', '.join(meta.classes)} (keep two or more of them)")
+    rows = torch.tensor([meta.classes.index(c) for c in classes])
+    inner = tta_inner(meta.arch) or meta.arch
+    expected = len(ensemble_members(inner) or [inner])
+    heads = [(name, m) for name, m in net.named_modules()
+             if isinstance(m, torch.nn.Linear) and m.out_features == len(meta.classes)]
+    if len(heads) != expected:
+        raise ModelFileError(f"{spec}: found {len(heads)} output layers of {len(meta.classes)} classes in "
+                             f"'{meta.arch}', expected {expected} (one a network); cannot cut its classes")
+    for name, old in heads:
+        cut = torch.nn.Linear(old.in_features, len(classes), bias=old.bias is not None)
+        with torch.no_grad():
+            cut.weight.copy_(old.weight[rows])
+            if old.bias is not None:
+                cut.bias.copy_(old.bias[rows])
+        parent, _, leaf = name.rpartition(".")
+        setattr(net.get_submodule(parent) if parent else net, leaf, cut)
+    meta = dataclasses.replace(
+        meta, classes=tuple(classes), name=Path(out).stem,
+        training={**meta.training, "restricted_from": spec, "restricted_from_classes": list(meta.classes)})
+    return _write_scored(out, net.eval(), meta, data or meta.training.get("data"), split, say)

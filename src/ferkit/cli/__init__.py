@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True)
     x.add_argument("--data", help="onnx: images for the parity check (default ../shared/data/fer2013 validation if "
                    "present); ferkit: the dataset to score the packed model on (default: its training data)")
+    x.add_argument("--classes", help="ferkit: keep only these of the model's classes (cuts its output layers), "
+                   "e.g. a happy,sad,neutral model from a seven-class one")
     x.add_argument("--opset", type=int, default=17)
     x.add_argument("--int8", action="store_true",
                    help="onnx: statically quantised int8 (onnxruntime), calibrated on --data's train split and refused "
@@ -328,16 +330,27 @@ def cmd_explain(a: argparse.Namespace) -> int:
 def cmd_export(a: argparse.Namespace) -> int:
     from ferkit.modelfile import model_specs
 
-    specs = model_specs(a.model)
-    if a.format == "ferkit":
-        from ferkit.export import pack_ensemble
+    from ferkit.errors import ConfigError
 
-        r = pack_ensemble(specs, a.out, data=a.data, say=lambda s: print(s, file=sys.stderr))
+    specs = model_specs(a.model)
+    if a.classes and a.format != "ferkit":
+        raise ConfigError("--classes cuts a model's classes into a ferkit model file: use it with --format ferkit")
+    if a.format == "ferkit":
+        from ferkit.export import pack_ensemble, restrict_classes
+
+        say = lambda s: print(s, file=sys.stderr)  # noqa: E731
+        if a.classes:
+            if len(specs) != 1:
+                raise ConfigError("--classes cuts one model; pack the ensemble first, then cut the packed file")
+            from ferkit.classes import parse_classes
+
+            r = restrict_classes(specs[0], parse_classes(a.classes), a.out, data=a.data, say=say)
+        else:
+            r = pack_ensemble(specs, a.out, data=a.data, say=say)
         acc = r["metrics"].get("accuracy")
         print(f"wrote {r['path']}: {r['arch']}" + (f", {r['metrics']['val_split']} accuracy {acc * 100:.2f}%"
                                                    if acc is not None else ""))
         return 0
-    from ferkit.errors import ConfigError
     from ferkit.export import export_onnx
 
     if len(specs) != 1:

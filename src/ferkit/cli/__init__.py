@@ -328,9 +328,8 @@ def cmd_explain(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from ferkit.modelfile import model_specs
-
     from ferkit.errors import ConfigError
+    from ferkit.modelfile import model_specs
 
     specs = model_specs(a.model)
     if a.classes and a.format != "ferkit":

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from shared_data import FER_DIR
 
 # One torch/OpenMP thread unless the environment says otherwise. Set before any test module imports torch (it reads
 # this once). On a machine with more runnable processes than cores, two threads waiting for each other at every
@@ -26,13 +27,9 @@ from PIL import Image
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep instead of spinning
 
-#: ``../shared/data`` beside the repository: ``fer2013/{train,validation}/<class>/*.jpg`` (48×48 FER2013).
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-FER_DIR = DATA / "fer2013"
 TINY_CLASSES = ("happy", "sad", "neutral")
 FER2013_ORDER = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 
-needs_data = pytest.mark.skipif(not (FER_DIR / "train").is_dir(), reason=f"no FER2013 data at {FER_DIR}")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -11,9 +11,8 @@ import pytest
 from ferkit import Recognizer
 from ferkit.cli import main
 from ferkit.modelfile import bundled_models, read_meta
+from shared_data import DATA, needs_fer
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_data = pytest.mark.skipif(not (DATA / "fer2013").is_dir(), reason="../shared/data not present")
 
 
 def test_bundled_models_present_small_and_described() -> None:
@@ -54,7 +53,7 @@ def test_models_command_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert rows["fer7"]["validation_accuracy"] > 0.5
 
 
-@needs_data
+@needs_fer
 # Floors of what ships (issue 9's goals: fer3 83% / fer3-large 85% are not reached yet, fer7 69% and fer7-large 72%
 # are: benchmarks/README.md has every run); the large models carry their TTA views, so classify applies them.
 @pytest.mark.parametrize("name,floor", [("fer3", 0.80), ("fer7", 0.69), ("fer3-large", 0.82), ("fer7-large", 0.72)])
@@ -78,7 +77,7 @@ def test_bundled_accuracy_on_validation(name: str, floor: float) -> None:
     assert stored["n"] == len(truth) and abs(acc - stored["accuracy"]) < 2e-3, (acc, stored)  # its card is true
 
 
-@needs_data
+@needs_fer
 def test_fer3_end_to_end_on_wild_photos() -> None:
     rec = Recognizer()  # the default: fer3, yunet
     ok = n = 0
@@ -91,7 +90,7 @@ def test_fer3_end_to_end_on_wild_photos() -> None:
     assert ok / n >= 0.75, f"{ok}/{n} wild-dev photos right"
 
 
-@needs_data
+@needs_fer
 def test_refresh_speed_rewrites_the_stored_speed_everywhere(tmp_path: Path) -> None:
     """bundle_model.py --refresh-speed on a copy of fer3: the file's faces/s, its card JSON and card row take the new
     measurement, the weights stay bit-identical and the ONNX sibling is rewritten for the new file's digest."""

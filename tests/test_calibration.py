@@ -13,6 +13,7 @@ from ferkit.metrics import brier, calibration, coverage_curve, ece, nll, reliabi
 from ferkit.modelfile import bundled_models, calibrated_probs, load_model, read_meta
 from ferkit.train.calibrate import (CANDIDATES, Calibration, calibrate, cross_fit_probs, fit_calibration,
                                    fit_temperature)
+from shared_data import DATA, needs_wild
 
 
 def _sample(n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -152,15 +153,13 @@ def test_bundled_models_are_calibrated_on_every_path(name: str) -> None:
 
 # -- "uncertain" below min_score: API, CLI, server, evaluate ----------------------------------------------------
 
-DATA = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_data = pytest.mark.skipif(not (DATA / "wild-dev").is_dir(), reason="../shared/data not present")
 
 
 def _photos() -> list:
     return sorted((DATA / "wild-dev" / "sad").glob("*.jpg"))[:12]
 
 
-@needs_data
+@needs_wild
 def test_min_score_labels_unsure_faces_uncertain_and_keeps_scores() -> None:
     from ferkit import Recognizer
     from ferkit.errors import ConfigError
@@ -177,7 +176,7 @@ def test_min_score_labels_unsure_faces_uncertain_and_keeps_scores() -> None:
         Recognizer("fer3", min_score=1.5)
 
 
-@needs_data
+@needs_wild
 def test_predict_cli_min_score(capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
@@ -191,7 +190,7 @@ def test_predict_cli_min_score(capsys: pytest.CaptureFixture[str]) -> None:
     assert any(f["label"] == "uncertain" for f in faces) and all(len(f["scores"]) == 3 for f in faces)
 
 
-@needs_data
+@needs_wild
 def test_server_min_score_query() -> None:
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
@@ -210,7 +209,7 @@ def test_server_min_score_query() -> None:
         assert bad.status_code == 422
 
 
-@needs_data
+@needs_wild
 def test_evaluate_min_score_and_calibration_report(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
     import json
 

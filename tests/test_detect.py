@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,10 +12,8 @@ from PIL import Image
 
 from ferkit.errors import ImageError, UnknownNameError
 from ferkit.infer.detect import Detection, get_detector, list_detectors
+from shared_data import DATA, WILD, needs_wild
 
-DATA = Path(__file__).parents[1].parent / "shared" / "data"
-WILD = DATA / "wild-dev"
-needs_data = pytest.mark.skipif(not WILD.is_dir(), reason=f"{WILD} not found")
 
 SINGLE = "neutral/train__71768_011.jpg"  # 295×360 colour portrait, one face, not a tight crop
 PAIR = ("happy/train__istockphoto-1006046038-612x612.jpg", "neutral/train__istock1_107.jpg")
@@ -121,7 +118,7 @@ def test_whole_returns_the_image() -> None:
 # ---------------------------------------------------------------- real photos
 
 
-@needs_data
+@needs_wild
 @pytest.mark.parametrize("name", ["yunet", "mtcnn"])
 def test_single_face_photo(name: str) -> None:
     img = _photo(SINGLE)
@@ -135,7 +132,7 @@ def test_single_face_photo(name: str) -> None:
     assert w / 4 < face.x + face.w / 2 < 3 * w / 4
 
 
-@needs_data
+@needs_wild
 def test_gray_and_rgb_agree() -> None:
     det = get_detector("yunet")
     rgb = _photo(SINGLE)
@@ -147,7 +144,7 @@ def test_gray_and_rgb_agree() -> None:
     assert results[1] == results[2]
 
 
-@needs_data
+@needs_wild
 @pytest.mark.parametrize("name", ["yunet", "mtcnn"])
 def test_two_faces_largest_first(name: str) -> None:
     canvas = np.full((720, 1280, 3), (120, 130, 110), np.uint8)
@@ -160,7 +157,7 @@ def test_two_faces_largest_first(name: str) -> None:
     assert all(_in_bounds(f, canvas) and f.det_score > 0.6 for f in faces)
 
 
-@needs_data
+@needs_wild
 @pytest.mark.parametrize("factor", [2, 3])
 def test_boxes_map_back_after_downscaling(factor: int) -> None:
     # With a fixed detect size all three sizes are searched at 400 px: the boxes must come back ×factor.
@@ -174,7 +171,7 @@ def test_boxes_map_back_after_downscaling(factor: int) -> None:
         assert abs(got - want * factor) <= 0.05 * max(ref.w, ref.h) * factor + factor
 
 
-@needs_data
+@needs_wild
 def test_fer2013_crops_yield_a_face() -> None:
     # 48×48 gray dataset faces that fill the frame: found after upscaling, or by the second look with a border.
     files = sorted((DATA / "fer2013").glob("*/*/*.jpg"))[::997][:40]
@@ -190,7 +187,7 @@ def test_fer2013_crops_yield_a_face() -> None:
     assert found >= 0.95 * len(files)  # 98.3% of 600 validation crops (benchmarks/detectors.py)
 
 
-@needs_data
+@needs_wild
 def test_the_border_finds_faces_that_fill_the_frame() -> None:
     # A face cropped tight to its box: without the second, padded look YuNet misses some of these.
     files = sorted((DATA / "fer2013" / "validation").glob("*/*.jpg"))[::23][:150]
@@ -216,7 +213,7 @@ def test_a_large_photo_is_searched_at_a_higher_resolution() -> None:
         get_detector("yunet", detect_size=10)
 
 
-@needs_data
+@needs_wild
 def test_tiles_find_what_one_pass_finds() -> None:
     # 16 faces ~60 px wide in a 2400×1600 image: one pass at 2400 px and 800-px tiles must agree (boxes merged
     # across tiles, none doubled).
@@ -232,7 +229,7 @@ def test_tiles_find_what_one_pass_finds() -> None:
     assert (np.abs(a - b) <= 0.1 * b[:, 3:4] + 1).all()  # within 10% of the face: the context differs a little
 
 
-@needs_data
+@needs_wild
 @pytest.mark.slow
 def test_wild_dev_recall_at_least_99_5_percent() -> None:
     files = sorted(p for p in WILD.glob("*/*") if p.suffix.lower() in {".jpg", ".jpeg", ".jfif", ".png"})

@@ -14,10 +14,9 @@ from PIL import Image
 from ferkit import Recognizer
 from ferkit.images import DRAFT_MIN_SIDE, Decoded, draft_reduction, read_image
 from ferkit.infer.results import label_colour
+from shared_data import WILD, needs_wild
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wild-dev"
 W, H = 4000, 3000
-needs_wild = pytest.mark.skipif(not DATA.is_dir(), reason=f"no wild-dev photos at {DATA}")
 
 
 def _canvas(width: int, height: int, seed: int = 0) -> np.ndarray:
@@ -31,9 +30,9 @@ def _canvas(width: int, height: int, seed: int = 0) -> np.ndarray:
 def crowd(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[tuple[int, int, int, int]], np.ndarray]:
     """A 12-MP group photo: 12 real wild-dev portraits (faces ~100-200 px) pasted on a gradient, saved as JPEG;
     (path, pasted rectangles, the upright pixels)."""
-    files = sorted(DATA.glob("*/*.jpg"))[::37][:12]
+    files = sorted(WILD.glob("*/*.jpg"))[::37][:12]
     if len(files) < 12:
-        pytest.skip(f"not enough wild-dev photos at {DATA}")
+        pytest.skip(f"not enough wild-dev photos at {WILD}")
     canvas = _canvas(W, H).copy()
     rects = []
     for i, f in enumerate(files):
@@ -167,9 +166,9 @@ def test_exif_rotated_large_jpeg_is_upright_with_full_size_boxes(rec: Recognizer
 @pytest.fixture(scope="module")
 def gif(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three frames: a real face, a blank, the face again."""
-    files = sorted((DATA / "happy").glob("*.jpg"))
+    files = sorted((WILD / "happy").glob("*.jpg"))
     if not files:
-        pytest.skip(f"no wild-dev photos at {DATA}")
+        pytest.skip(f"no wild-dev photos at {WILD}")
     face = Image.open(files[0]).convert("RGB")
     face.thumbnail((320, 320))
     p = tmp_path_factory.mktemp("frames") / "anim.gif"

@@ -18,10 +18,9 @@ pytest.importorskip("captum")
 from ferkit import Recognizer  # noqa: E402
 from ferkit.cli import main  # noqa: E402
 from ferkit.images import load_image  # noqa: E402
+from shared_data import DATA, needs_wild
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_data = pytest.mark.skipif(not (DATA / "wild-dev").is_dir(), reason="../shared/data not present")
-WILD = DATA / "wild-dev" / "happy" / "train__066_y_m_h_a.jpg"
+PHOTO = DATA / "wild-dev" / "happy" / "train__066_y_m_h_a.jpg"
 
 
 def _gray(img: np.ndarray) -> np.ndarray:
@@ -58,10 +57,10 @@ def whole() -> Recognizer:
     return Recognizer("fer3", detector="whole")
 
 
-@needs_data
+@needs_wild
 def test_one_face_photo(rec: Recognizer) -> None:
-    ex = rec.explain(str(WILD))
-    img = load_image(WILD)
+    ex = rec.explain(str(PHOTO))
+    img = load_image(PHOTO)
     assert len(ex.faces) == 1 and ex.overlay.shape == (*img.shape[:2], 3) and ex.overlay.dtype == np.uint8
     fx = ex.faces[0]
     assert fx.heatmap.shape == (48, 48) and fx.heatmap.min() >= 0 and fx.heatmap.max() == pytest.approx(1.0)
@@ -72,10 +71,10 @@ def test_one_face_photo(rec: Recognizer) -> None:
     assert d["explained"] == "happy" and x0 <= d["hottest"][0] < x1 and y0 <= d["hottest"][1] < y1
 
 
-@needs_data
+@needs_wild
 def test_the_map_moves_with_the_face_in_a_photo(rec: Recognizer) -> None:
     """The same face at two places in a photo: the hot point moves by the same offset, the map itself stays."""
-    photo = load_image(WILD)
+    photo = load_image(PHOTO)
     a = rec.explain(_scene(photo, [(60, 130)]))
     b = rec.explain(_scene(photo, [(640, 90)]))
     assert len(a.faces) == len(b.faces) == 1
@@ -84,7 +83,7 @@ def test_the_map_moves_with_the_face_in_a_photo(rec: Recognizer) -> None:
     assert np.corrcoef(a.faces[0].heatmap.ravel(), b.faces[0].heatmap.ravel())[0, 1] > 0.9
 
 
-@needs_data
+@needs_wild
 def test_the_map_moves_with_the_face_inside_the_crop(whole: Recognizer) -> None:
     """Within what the classifier sees (no detector to re-centre it), a face moved right by 36 of 96 pixels moves
     the map's centre of mass right by about 18 of the model's 48 (measured: 17.0 on average)."""
@@ -105,7 +104,7 @@ def test_the_map_moves_with_the_face_inside_the_crop(whole: Recognizer) -> None:
     assert 12 <= dx <= 24 and abs(dy) <= 4, shifts
 
 
-@needs_data
+@needs_wild
 def test_randomised_weights_give_a_different_map(whole: Recognizer) -> None:
     """Model-parameter randomisation: a trained network's maps are not what an untrained one of the same
     architecture draws (if they were, the method would show the image, not the model)."""
@@ -129,10 +128,10 @@ def test_randomised_weights_give_a_different_map(whole: Recognizer) -> None:
     assert np.nanmean(corr) < 0.5, corr
 
 
-@needs_data
+@needs_wild
 def test_two_face_photo(rec: Recognizer) -> None:
     sad = load_image(sorted((DATA / "wild-dev" / "sad").glob("*.jpg"))[0])
-    happy = load_image(WILD)
+    happy = load_image(PHOTO)
     import cv2
 
     scene = _scene(happy, [(60, 130)])
@@ -148,13 +147,13 @@ def test_two_face_photo(rec: Recognizer) -> None:
     assert [fx.target for fx in only_sad.faces] == ["sad", "sad"]
 
 
-@needs_data
+@needs_wild
 def test_cli_writes_overlays_and_reports_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                    one_line_error: Callable[[str], str]) -> None:
     bad = tmp_path / "notes.jpg"
     bad.write_text("not an image")
     out = tmp_path / "out"
-    rc = main(["explain", str(WILD), str(bad), str(tmp_path / "missing.png"), "--out", str(out)])
+    rc = main(["explain", str(PHOTO), str(bad), str(tmp_path / "missing.png"), "--out", str(out)])
     o, e = capsys.readouterr()
     assert rc == 1
     lines = e.strip().splitlines()
@@ -165,7 +164,7 @@ def test_cli_writes_overlays_and_reports_bad_input(tmp_path: Path, capsys: pytes
     assert (out / "train__066_y_m_h_a.face1.png").is_file() and not (out / "notes.explain.png").exists()
     assert "face 1" in o and "explained happy" in o
     assert bad.read_text() == "not an image"  # inputs are never touched
-    assert main(["explain", str(WILD), "--out", str(out), "--target", "angry"]) == 2
+    assert main(["explain", str(PHOTO), "--out", str(out), "--target", "angry"]) == 2
     assert "unknown class 'angry'" in one_line_error(capsys.readouterr().err)
 
 
@@ -191,16 +190,16 @@ def client() -> Iterator:
         yield c
 
 
-@needs_data
+@needs_wild
 def test_server_returns_the_overlay_png(client) -> None:  # noqa: ANN001
-    data = WILD.read_bytes()
+    data = PHOTO.read_bytes()
     r = client.post("/v1/explain", files={"file": ("face.jpg", data, "image/jpeg")})
     assert r.status_code == 200 and r.headers["content-type"] == "image/png" and r.content[:4] == b"\x89PNG"
     assert r.headers["x-faces"] == "1" and json.loads(r.headers["x-explanation"])[0]["explained"] == "happy"
     from PIL import Image
     import io
 
-    assert Image.open(io.BytesIO(r.content)).size == Image.open(WILD).size
+    assert Image.open(io.BytesIO(r.content)).size == Image.open(PHOTO).size
     assert client.post("/v1/explain", content=b"not an image", headers={"content-type": "image/jpeg"}
                        ).status_code == 415
     assert client.post("/v1/explain?colour=red", content=data, headers={"content-type": "image/jpeg"}

@@ -18,12 +18,10 @@ from ferkit.errors import DatasetError, ModelFileError
 from ferkit.export import PARITY_TOLERANCE, export_onnx
 from ferkit.modelfile import ModelMeta, save_model
 from ferkit.models import create_model
+from shared_data import DATA, VALIDATION, needs_fer
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-VALIDATION = DATA / "fer2013" / "validation"
 CLASSES = ("happy", "sad", "neutral")
 #: make_test_model fits its head on real training faces, the sibling check compares on real validation faces
-needs_data = pytest.mark.skipif(not VALIDATION.is_dir(), reason="../shared/data not present")
 
 
 def make_test_model(path: Path, seed: int = 0, classes: tuple[str, ...] = CLASSES) -> Path:
@@ -129,7 +127,7 @@ def test_export_other_data_and_opset(tmp_path: Path) -> None:
     assert result["n"] == 20 and result["passed"]
 
 
-@needs_data
+@needs_fer
 def test_export_errors(tmp_path: Path) -> None:
     with pytest.raises(ModelFileError):
         export_onnx(str(tmp_path / "missing.safetensors"), str(tmp_path / "x.onnx"))
@@ -141,7 +139,7 @@ def test_export_errors(tmp_path: Path) -> None:
 
 # -- ONNX siblings: the bundled models ship one; a stale one is never used -------------------------------------------
 
-@needs_data
+@needs_fer
 @pytest.mark.parametrize("name", ["fer3", "fer7"])
 def test_bundled_models_ship_a_current_onnx_sibling(name: str) -> None:
     """The sibling was exported from the model file as it is now (digest), carries its metadata, and gives the

@@ -14,20 +14,19 @@ from ferkit import Recognizer
 from ferkit.images import load_image
 from ferkit.modelfile import load_model, read_meta
 from ferkit.models import create_model
+from shared_data import VALIDATION, needs_fer
 
 REPO = Path(__file__).resolve().parents[1]
-VAL = REPO.parent / "shared" / "data" / "fer2013" / "validation"
-needs_data = pytest.mark.skipif(not VAL.is_dir(), reason="../shared/data not present")
 
 
 @pytest.fixture(scope="module")
 def faces() -> np.ndarray:
     """24 real FER2013 validation faces (uint8 48×48), 8 each of happy, sad and neutral."""
-    files = [f for c in ("happy", "sad", "neutral") for f in sorted((VAL / c).glob("*.jpg"))[:8]]
+    files = [f for c in ("happy", "sad", "neutral") for f in sorted((VALIDATION / c).glob("*.jpg"))[:8]]
     return np.stack([load_image(f) for f in files])
 
 
-@needs_data
+@needs_fer
 def test_flip_model_averages_the_face_and_its_mirror(faces: np.ndarray) -> None:
     net, _ = load_model("fer3")
     wrapped = create_model("flip(fastcnn)", num_classes=3).eval()
@@ -42,7 +41,7 @@ def test_flip_model_averages_the_face_and_its_mirror(faces: np.ndarray) -> None:
         assert (torch.softmax(net(x.flip(3)), 1) - torch.softmax(net(x), 1)).abs().max() > 0.01
 
 
-@needs_data
+@needs_fer
 def test_wrap_script_recognizer_and_onnx_agree(faces: np.ndarray, tmp_path: Path) -> None:
     """scripts/wrap_flip.py turns a model file into flip(...); torch and onnxruntime give the same TTA scores."""
     out = tmp_path / "fer3-flip.safetensors"
@@ -63,7 +62,7 @@ def test_flip_of_nothing_is_refused() -> None:
         create_model("flip()", num_classes=3)
 
 
-@needs_data
+@needs_fer
 def test_views_model_averages_exactly_its_views(faces: np.ndarray) -> None:
     """views[orig+zoom_flip](a): the mean softmax of the face and the mirrored centre crop of its 12.5% upscale, the
     very crop ten-crop TTA uses (evaluate.tta_views' fifth crop, mirrored)."""
@@ -86,7 +85,7 @@ def test_views_model_averages_exactly_its_views(faces: np.ndarray) -> None:
         assert (want - flip).abs().max() > 0.01
 
 
-@needs_data
+@needs_fer
 def test_views_of_an_ensemble_run_the_same_in_torch_and_onnx(faces: np.ndarray, tmp_path: Path) -> None:
     """wrap_flip.py --views on a packed ensemble: one model file whose TTA the Recognizer applies in both backends."""
     from ferkit.export import pack_ensemble

@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
+from shared_data import WILD
 
 ROOT = Path(__file__).resolve().parents[1]
-WILD = ROOT.parent / "shared" / "data" / "wild-dev"
 #: The issue's ceiling for the wheel with every bundled model.
 MAX_WHEEL_MB = 100
 #: No bytecode compilation at install: it was most of the install's CPU time (scipy, OpenCV, onnxruntime, ...), and

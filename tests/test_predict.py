@@ -19,9 +19,8 @@ from PIL import Image
 from ferkit.cli.predict import run_predict
 from ferkit.modelfile import ModelMeta, save_model
 from ferkit.models import create_model
+from shared_data import WILD
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-WILD = DATA / "wild-dev"
 CLASSES = ("happy", "sad", "neutral")
 FACES = ("happy/train__istock1_10.jpg", "sad/train__119677-765849.jpg", "neutral/train__istock1_106.jpg")
 

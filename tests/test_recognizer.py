@@ -21,9 +21,8 @@ from ferkit.errors import ImageError, ModelFileError
 from ferkit.infer.recognizer import CROP_MARGIN, Face, Recognizer, Results, crop_box
 from ferkit.modelfile import ModelMeta, save_model
 from ferkit.models import create_model
+from shared_data import WILD
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-WILD = DATA / "wild-dev"
 CLASSES = ("happy", "sad", "neutral")
 #: Real photos in which YuNet finds one face (tight web crops of about 200 px).
 FACES = ("happy/train__istock1_10.jpg", "sad/train__119677-765849.jpg", "neutral/train__istock1_106.jpg")

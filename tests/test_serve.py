@@ -15,14 +15,13 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from shared_data import WILD
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-WILD = DATA / "wild-dev"
 CLASSES = ("happy", "sad", "neutral")
 UPLOAD_MB = 1.0
 KEY = "smoke-test-key-42"

@@ -22,8 +22,8 @@ from ferkit.cli import main
 from ferkit.errors import ConfigError
 from ferkit.serve.app import create_app
 from ferkit.serve.settings import ServeSettings
+from shared_data import DATA
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 UPLOAD_MB = 1.0  # a small limit keeps the oversized-upload cases fast
 KEYS = ("k-alpha-0123456789", "k-beta-9876543210")
 

@@ -26,10 +26,8 @@ from ferkit.cli import main
 from ferkit.errors import DatasetError, DeviceError, FerkitError, ImageError, UnknownNameError
 from ferkit.fsutil import atomic_path, atomic_write_bytes, atomic_write_text
 from ferkit.images import IMAGE_SUFFIXES, load_image
+from shared_data import DATA, WILD, needs_wild
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-WILD = DATA / "wild-dev"
-needs_wild = pytest.mark.skipif(not WILD.is_dir(), reason=f"{WILD} not found")
 FACE = "happy/train__066_y_m_h_a.jpg"  # a 1592×1752 colour portrait
 FACE2 = "neutral/train__71768_011.jpg"  # 295×360, one face
 FERKIT = [sys.executable, "-m", "ferkit"]

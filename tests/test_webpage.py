@@ -11,14 +11,13 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from shared_data import WILD
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
 
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-WILD = DATA / "wild-dev"
 CLASSES = ("happy", "sad", "neutral")
 CHROMIUM = os.environ.get("FERKIT_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from shared_data import WILD
 
 #: ``../shared/data/wild-dev/{happy,sad,neutral}/*.jpg`` beside the repository.
-WILD = Path(__file__).resolve().parents[2] / "shared" / "data" / "wild-dev"
 
 
 @dataclass(frozen=True)

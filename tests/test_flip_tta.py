@@ -12,11 +12,12 @@ import torch
 
 from ferkit import Recognizer
 from ferkit.images import load_image
-from ferkit.modelfile import load_model, read_meta
+from ferkit.modelfile import bundled_models, load_model, read_meta
 from ferkit.models import create_model
 from shared_data import VALIDATION, needs_fer
 
 REPO = Path(__file__).resolve().parents[1]
+FER3_ARCH = read_meta(bundled_models()["fer3"]).arch  # the bundled fer3's network, whichever it is now
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +29,8 @@ def faces() -> np.ndarray:
 
 @needs_fer
 def test_flip_model_averages_the_face_and_its_mirror(faces: np.ndarray) -> None:
-    net, _ = load_model("fer3")
-    wrapped = create_model("flip(fastcnn)", num_classes=3).eval()
+    net, meta = load_model("fer3")
+    wrapped = create_model(f"flip({meta.arch})", num_classes=3).eval()
     assert set(wrapped.state_dict()) == {f"net.{k}" for k in net.state_dict()}
     wrapped.net.load_state_dict(net.state_dict())
     x = (torch.as_tensor(faces).float()[:, None] / 255 - 0.5) / 0.25
@@ -47,7 +48,7 @@ def test_wrap_script_recognizer_and_onnx_agree(faces: np.ndarray, tmp_path: Path
     out = tmp_path / "fer3-flip.safetensors"
     subprocess.run([sys.executable, str(REPO / "scripts" / "wrap_flip.py"), "fer3", str(out)], check=True,
                    capture_output=True)
-    assert read_meta(out).arch == "flip(fastcnn)"
+    assert read_meta(out).arch == f"flip({FER3_ARCH})"
     p_torch = Recognizer(str(out), backend="torch").classify(faces)
     onnx = Recognizer(str(out), backend="onnx")
     p_onnx = onnx.classify(faces)
@@ -69,8 +70,8 @@ def test_views_model_averages_exactly_its_views(faces: np.ndarray) -> None:
     from ferkit.evaluate import tta_views
     from ferkit.models.ensemble import view
 
-    net, _ = load_model("fer3")
-    wrapped = create_model("views[orig+zoom_flip](fastcnn)", num_classes=3).eval()
+    net, meta = load_model("fer3")
+    wrapped = create_model(f"views[orig+zoom_flip]({meta.arch})", num_classes=3).eval()
     assert set(wrapped.state_dict()) == {f"net.{k}" for k in net.state_dict()}
     wrapped.net.load_state_dict(net.state_dict())
     x = (torch.as_tensor(faces).float()[:, None] / 255 - 0.5) / 0.25
@@ -95,7 +96,7 @@ def test_views_of_an_ensemble_run_the_same_in_torch_and_onnx(faces: np.ndarray, 
     out = tmp_path / "ens-views.safetensors"
     subprocess.run([sys.executable, str(REPO / "scripts" / "wrap_flip.py"), str(packed), str(out), "--views",
                     "orig,flip,zoom,zoom_flip"], check=True, capture_output=True)
-    assert read_meta(out).arch == "views[orig+flip+zoom+zoom_flip](ensemble(fastcnn,fastcnn))"
+    assert read_meta(out).arch == f"views[orig+flip+zoom+zoom_flip](ensemble({FER3_ARCH},{FER3_ARCH}))"
     p_torch = Recognizer(str(out), backend="torch").classify(faces)
     p_onnx = Recognizer(str(out), backend="onnx").classify(faces)
     np.testing.assert_allclose(p_torch, p_onnx, atol=1e-4)

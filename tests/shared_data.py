@@ -15,6 +15,7 @@ FER_DIR = DATA / "fer2013"
 VALIDATION = FER_DIR / "validation"
 WILD = DATA / "wild-dev"
 
-needs_fer = pytest.mark.skipif(not ((FER_DIR / "train").is_dir() and VALIDATION.is_dir()),
-                               reason=f"no FER2013 data at {FER_DIR}")
+HAVE_FER = (FER_DIR / "train").is_dir() and VALIDATION.is_dir()
+
+needs_fer = pytest.mark.skipif(not HAVE_FER, reason=f"no FER2013 data at {FER_DIR}")
 needs_wild = pytest.mark.skipif(not WILD.is_dir(), reason=f"no wild-dev photos at {WILD}")

@@ -11,8 +11,7 @@ import pytest
 from ferkit import Recognizer
 from ferkit.cli import main
 from ferkit.modelfile import bundled_models, read_meta
-from shared_data import DATA, needs_fer
-
+from shared_data import FER_DIR, VALIDATION, WILD, needs_fer
 
 
 def test_bundled_models_present_small_and_described() -> None:
@@ -63,7 +62,7 @@ def test_bundled_accuracy_on_validation(name: str, floor: float) -> None:
     from ferkit.images import load_image
 
     rec = Recognizer(model=name)
-    root = DATA / "fer2013" / "validation"
+    root = VALIDATION
     folders = {match_folder(d.name, rec.classes): d for d in root.iterdir() if d.is_dir()}
     crops, truth = [], []
     for i, c in enumerate(rec.classes):
@@ -82,7 +81,7 @@ def test_fer3_end_to_end_on_wild_photos() -> None:
     rec = Recognizer()  # the default: fer3, yunet
     ok = n = 0
     for c in ("happy", "sad", "neutral"):
-        for f in sorted((DATA / "wild-dev" / c).glob("*.jpg"))[:25]:
+        for f in sorted((WILD / c).glob("*.jpg"))[:25]:
             faces = rec.predict(str(f))
             assert faces.faces, f"no face in {f}"
             ok += faces.faces[0].label == c
@@ -114,7 +113,7 @@ def test_refresh_speed_rewrites_the_stored_speed_everywhere(tmp_path: Path) -> N
     card["faces_per_second"] = 1.0  # a stale figure to be replaced
     (cards / "fer3.json").write_text(json.dumps(card))
     subprocess.run([sys.executable, str(repo / "scripts" / "bundle_model.py"), "fer3", "fer3", "--refresh-speed",
-                    "--to", str(to), "--cards", str(cards), "--data", str(DATA / "fer2013")], check=True,
+                    "--to", str(to), "--cards", str(cards), "--data", str(FER_DIR)], check=True,
                    capture_output=True, text=True)
     new = to / "fer3.safetensors"
     fps = json.loads((cards / "fer3.json").read_text())["faces_per_second"]

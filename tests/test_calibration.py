@@ -13,7 +13,7 @@ from ferkit.metrics import brier, calibration, coverage_curve, ece, nll, reliabi
 from ferkit.modelfile import bundled_models, calibrated_probs, load_model, read_meta
 from ferkit.train.calibrate import (CANDIDATES, Calibration, calibrate, cross_fit_probs, fit_calibration,
                                    fit_temperature)
-from shared_data import DATA, needs_wild
+from shared_data import VALIDATION, WILD, needs_wild
 
 
 def _sample(n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -156,7 +156,7 @@ def test_bundled_models_are_calibrated_on_every_path(name: str) -> None:
 
 
 def _photos() -> list:
-    return sorted((DATA / "wild-dev" / "sad").glob("*.jpg"))[:12]
+    return sorted((WILD / "sad").glob("*.jpg"))[:12]
 
 
 @needs_wild
@@ -215,7 +215,7 @@ def test_evaluate_min_score_and_calibration_report(tmp_path, capsys: pytest.Capt
 
     from ferkit.cli import main
 
-    val = DATA / "fer2013" / "validation"
+    val = VALIDATION
     assert main(["evaluate", "--model", "fer3", "--data", str(val), "--json", "--min-score", "0.7",
                  "--out", str(tmp_path / "r")]) == 0
     m = json.loads(capsys.readouterr().out)

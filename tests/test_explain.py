@@ -18,9 +18,9 @@ pytest.importorskip("captum")
 from ferkit import Recognizer  # noqa: E402
 from ferkit.cli import main  # noqa: E402
 from ferkit.images import load_image  # noqa: E402
-from shared_data import DATA, needs_wild
+from shared_data import VALIDATION, WILD, needs_wild
 
-PHOTO = DATA / "wild-dev" / "happy" / "train__066_y_m_h_a.jpg"
+PHOTO = WILD / "happy" / "train__066_y_m_h_a.jpg"
 
 
 def _gray(img: np.ndarray) -> np.ndarray:
@@ -89,7 +89,7 @@ def test_the_map_moves_with_the_face_inside_the_crop(whole: Recognizer) -> None:
     the map's centre of mass right by about 18 of the model's 48 (measured: 17.0 on average)."""
     import cv2
 
-    files = sorted((DATA / "fer2013" / "validation" / "happy").glob("*.jpg"))[:8]
+    files = sorted((VALIDATION / "happy").glob("*.jpg"))[:8]
     shifts = []
     for f in files:
         face = cv2.resize(_gray(load_image(f)), (48, 48))
@@ -117,7 +117,7 @@ def test_randomised_weights_give_a_different_map(whole: Recognizer) -> None:
     trained, meta = __import__("ferkit.modelfile", fromlist=["load_model"]).load_model("fer3")
     torch.manual_seed(0)
     random = create_model(meta.arch, num_classes=len(meta.classes), in_chans=1).eval()
-    files = sorted((DATA / "fer2013" / "validation" / "sad").glob("*.jpg"))[:16]
+    files = sorted((VALIDATION / "sad").glob("*.jpg"))[:16]
     faces = np.stack([_gray(load_image(f)) for f in files])
     x = torch.from_numpy(Preprocess.of(meta).numpy(faces))
     target = [1] * len(faces)
@@ -130,7 +130,7 @@ def test_randomised_weights_give_a_different_map(whole: Recognizer) -> None:
 
 @needs_wild
 def test_two_face_photo(rec: Recognizer) -> None:
-    sad = load_image(sorted((DATA / "wild-dev" / "sad").glob("*.jpg"))[0])
+    sad = load_image(sorted((WILD / "sad").glob("*.jpg"))[0])
     happy = load_image(PHOTO)
     import cv2
 

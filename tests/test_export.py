@@ -18,10 +18,9 @@ from ferkit.errors import DatasetError, ModelFileError
 from ferkit.export import PARITY_TOLERANCE, export_onnx
 from ferkit.modelfile import ModelMeta, save_model
 from ferkit.models import create_model
-from shared_data import DATA, VALIDATION, needs_fer
+from shared_data import FER_DIR, HAVE_FER, VALIDATION, WILD, needs_fer
 
 CLASSES = ("happy", "sad", "neutral")
-#: make_test_model fits its head on real training faces, the sibling check compares on real validation faces
 
 
 def make_test_model(path: Path, seed: int = 0, classes: tuple[str, ...] = CLASSES) -> Path:
@@ -33,7 +32,7 @@ def make_test_model(path: Path, seed: int = 0, classes: tuple[str, ...] = CLASSE
 
     torch.manual_seed(seed)
     net = create_model("fastcnn", num_classes=len(classes)).eval()
-    split = find_dataset(DATA / "fer2013" / "train", list(classes), require_all=False).splits["single"]
+    split = find_dataset(FER_DIR / "train", list(classes), require_all=False).splits["single"]
     idx = np.random.default_rng(seed).choice(len(split), 150, replace=False)
     split.files, split.labels = [split.files[i] for i in idx], split.labels[idx]
     faces = load_split(split, 48, use_cache=False)
@@ -56,8 +55,8 @@ def make_test_model(path: Path, seed: int = 0, classes: tuple[str, ...] = CLASSE
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
-    if not (VALIDATION.is_dir() and (DATA / "fer2013" / "train").is_dir()):
-        pytest.skip(f"FER2013 data not found under {DATA / 'fer2013'}")
+    if not HAVE_FER:
+        pytest.skip(f"no FER2013 data at {FER_DIR}")
     d = tmp_path_factory.mktemp("export")
     model = make_test_model(d / "m.safetensors")
     out = d / "m.onnx"
@@ -112,13 +111,13 @@ def test_recognizer_onnx_matches_torch(exported: tuple[Path, Path, dict]) -> Non
     assert (p_onnx.argmax(1) == p_torch.argmax(1)).all()
     assert len(set(p_torch.argmax(1).tolist())) > 1  # the test model really discriminates
     # the whole pipeline, on a real photo, gives the same labels too
-    photo = next((DATA / "wild-dev" / "happy").glob("*.jpg"))
+    photo = next((WILD / "happy").glob("*.jpg"))
     a, b = rec_onnx.predict(photo), rec_torch.predict(photo)
     assert [f.label for f in a] == [f.label for f in b] and [f.box for f in a] == [f.box for f in b]
 
 
 def test_export_other_data_and_opset(tmp_path: Path) -> None:
-    wild = DATA / "wild-dev"
+    wild = WILD
     if not wild.is_dir():
         pytest.skip(f"wild-dev data not found at {wild}")
     model = make_test_model(tmp_path / "m.safetensors", seed=1)
@@ -127,7 +126,7 @@ def test_export_other_data_and_opset(tmp_path: Path) -> None:
     assert result["n"] == 20 and result["passed"]
 
 
-@needs_fer
+@needs_fer  # make_test_model fits its head on real training faces
 def test_export_errors(tmp_path: Path) -> None:
     with pytest.raises(ModelFileError):
         export_onnx(str(tmp_path / "missing.safetensors"), str(tmp_path / "x.onnx"))
@@ -213,7 +212,7 @@ def test_int8_export_of_a_bundled_model(data_dir: Path, tmp_path: Path, capsys: 
     assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(out)).graph.node)
     rec, ref = Recognizer(str(out)), Recognizer("fer3")
     assert rec.backend == "onnx" and rec.classes == CLASSES
-    photo = min((DATA / "wild-dev" / "happy").glob("*.jpg"))
+    photo = min((WILD / "happy").glob("*.jpg"))
     a, b = rec.predict(photo), ref.predict(photo)
     assert [f.box for f in a] == [f.box for f in b] and a[0].scores == pytest.approx(b[0].scores, abs=0.1)
 

@@ -29,8 +29,8 @@ def faces() -> np.ndarray:
 
 @needs_fer
 def test_flip_model_averages_the_face_and_its_mirror(faces: np.ndarray) -> None:
-    net, meta = load_model("fer3")
-    wrapped = create_model(f"flip({meta.arch})", num_classes=3).eval()
+    net, _ = load_model("fer3")
+    wrapped = create_model(f"flip({FER3_ARCH})", num_classes=3).eval()
     assert set(wrapped.state_dict()) == {f"net.{k}" for k in net.state_dict()}
     wrapped.net.load_state_dict(net.state_dict())
     x = (torch.as_tensor(faces).float()[:, None] / 255 - 0.5) / 0.25
@@ -70,8 +70,8 @@ def test_views_model_averages_exactly_its_views(faces: np.ndarray) -> None:
     from ferkit.evaluate import tta_views
     from ferkit.models.ensemble import view
 
-    net, meta = load_model("fer3")
-    wrapped = create_model(f"views[orig+zoom_flip]({meta.arch})", num_classes=3).eval()
+    net, _ = load_model("fer3")
+    wrapped = create_model(f"views[orig+zoom_flip]({FER3_ARCH})", num_classes=3).eval()
     assert set(wrapped.state_dict()) == {f"net.{k}" for k in net.state_dict()}
     wrapped.net.load_state_dict(net.state_dict())
     x = (torch.as_tensor(faces).float()[:, None] / 255 - 0.5) / 0.25

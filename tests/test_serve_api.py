@@ -22,7 +22,7 @@ from ferkit.cli import main
 from ferkit.errors import ConfigError
 from ferkit.serve.app import create_app
 from ferkit.serve.settings import ServeSettings
-from shared_data import DATA
+from shared_data import WILD
 
 UPLOAD_MB = 1.0  # a small limit keeps the oversized-upload cases fast
 KEYS = ("k-alpha-0123456789", "k-beta-9876543210")
@@ -44,9 +44,9 @@ def png_header_bomb(w: int, h: int) -> bytes:
 @pytest.fixture(scope="module")
 def jpeg() -> bytes:
     """A real wild-dev portrait, under the reduced upload limit."""
-    files = [f for f in sorted((DATA / "wild-dev" / "happy").glob("*.jpg")) if f.stat().st_size < 0.9 * 2**20]
+    files = [f for f in sorted((WILD / "happy").glob("*.jpg")) if f.stat().st_size < 0.9 * 2**20]
     if not files:
-        pytest.skip(f"no wild-dev photos at {DATA / 'wild-dev'}")
+        pytest.skip(f"no wild-dev photos at {WILD}")
     return files[0].read_bytes()
 
 

@@ -26,7 +26,7 @@ from ferkit.cli import main
 from ferkit.errors import DatasetError, DeviceError, FerkitError, ImageError, UnknownNameError
 from ferkit.fsutil import atomic_path, atomic_write_bytes, atomic_write_text
 from ferkit.images import IMAGE_SUFFIXES, load_image
-from shared_data import DATA, WILD, needs_wild
+from shared_data import VALIDATION, WILD, needs_wild
 
 FACE = "happy/train__066_y_m_h_a.jpg"  # a 1592×1752 colour portrait
 FACE2 = "neutral/train__71768_011.jpg"  # 295×360, one face
@@ -113,7 +113,7 @@ def test_tight_web_crops_are_still_found_with_a_score(rec, rel: str) -> None:
 
 
 def test_48px_dataset_crops_are_found_by_the_second_look(rec) -> None:
-    files = sorted((DATA / "fer2013" / "validation").glob("*/*.jpg"))[::211][:30]
+    files = sorted((VALIDATION).glob("*/*.jpg"))[::211][:30]
     if not files:
         pytest.skip("no fer2013 data")
     found = [bool(rec.predict(str(f)).faces) for f in files]

@@ -8,6 +8,10 @@ and their mirrors). The softmax outputs are kept, so any scheme (which members s
 running a network again. A scheme's cost is its number of forwards per face: the accurate tier's speed goal
 (300 faces/s at batch 256 on 2 cores) allows about 7 fastcnn_xl forwards per face.
 
+With ``--classes happy,sad,neutral`` the 7-class members are scored as 3-class models, the way ``ferkit export
+--classes`` cuts them: only faces of those classes count, and each member's output on each view is renormalised over
+those classes before the average.
+
 Choosing a scheme on the split it is scored on makes the winner's number slightly optimistic; the schemes below are
 a fixed list (``orig + mirrored centre zoom``, the pair the bundled large models carry, was added after scoring
 two 7-class members, before the next two were trained), and a paired difference (``benchmarks/paired.py``)
@@ -104,6 +108,19 @@ def score(probs: list[dict[str, np.ndarray]], y: np.ndarray, scheme: list[tuple[
     return float((p.argmax(1) == y).mean())
 
 
+def restrict(probs: list[dict[str, np.ndarray]], y: np.ndarray, classes: list[str], keep: list[str]
+             ) -> tuple[list[dict[str, np.ndarray]], np.ndarray, list[str]]:
+    """The outputs of members cut to the classes ``keep``: faces of other classes dropped, each output renormalised."""
+    missing = [c for c in keep if c not in classes]
+    if missing:
+        raise SystemExit(f"tta_views.py: --classes {','.join(missing)}: not among the models' classes {classes}")
+    idx = [classes.index(c) for c in keep]
+    rows = np.isin(y, idx)
+    relabel = {old: new for new, old in enumerate(idx)}
+    cut = [{v: p[v][rows][:, idx] / p[v][rows][:, idx].sum(1, keepdims=True) for v in p} for p in probs]
+    return cut, np.array([relabel[int(t)] for t in y[rows]]), list(keep)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="+")
@@ -111,6 +128,7 @@ def main() -> None:
     ap.add_argument("--split", default="validation")
     ap.add_argument("--json", default="", help="also write the table here")
     ap.add_argument("--cache", default="", help="keep each model's outputs here (keyed by the model file's digest)")
+    ap.add_argument("--classes", default="", help="score as models cut to these classes (comma-separated)")
     args = ap.parse_args()
     probs, y, classes = [], None, None
     for m in args.models:
@@ -119,6 +137,8 @@ def main() -> None:
             raise SystemExit(f"tta_views.py: {m} does not have the classes of {args.models[0]}")
         probs.append(p)
         y, classes = labels, cls
+    if args.classes:
+        probs, y, classes = restrict(probs, y, classes, args.classes.split(","))
     n = len(y)
     rows = []
     for i, m in enumerate(args.models):
@@ -133,8 +153,8 @@ def main() -> None:
     for r in rows:
         print(f"{r['scheme'][:51]:<52}{r['forwards']:>9}{r['accuracy'] * 100:>9.2f}%")
     if args.json:
-        Path(args.json).write_text(json.dumps({"models": args.models, "split": args.split, "n": n, "rows": rows},
-                                              indent=2) + "\n")
+        table = {"models": args.models, "split": args.split, "classes": classes, "n": n, "rows": rows}
+        Path(args.json).write_text(json.dumps(table, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -175,6 +175,17 @@ def test_busy_gives_503_and_recovers(server: tuple[str, Path], photos: list[Path
             time.sleep(0.2)
         assert r.status_code == 503, r.text
         assert r.headers.get("retry-after") == "1" and "busy" in r.json()["detail"]
+        # the refusal closes its connection, so that the retry can reach another worker process: read to the end
+        assert r.headers.get("connection") == "close"
+        body = photos[0].read_bytes()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as again:
+            again.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
+                          b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: "
+                          + str(len(body)).encode() + b"\r\n\r\n" + body)
+            got = b""
+            while chunk := again.recv(65536):  # a kept-alive connection would time out here instead
+                got += chunk
+        assert got.startswith(b"HTTP/1.1 503"), got[:200]
     finally:
         slow.close()
     deadline = time.monotonic() + 10

@@ -53,7 +53,7 @@ from ferkit.serve.observe import ObserveMiddleware, log_config
 from ferkit.serve.routes import STATIC_DIR, Admission, error, meta_summary, protected, public
 from ferkit.serve.security import APIKeys, RateLimiter, guard
 from ferkit.serve.settings import ServeSettings
-from ferkit.serve.upload import Rejected, one_line, reject_unknown_query
+from ferkit.serve.upload import MULTIPART_OVERHEAD, Rejected, drain, one_line, reject_unknown_query
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +197,8 @@ def create_app(settings: ServeSettings | None = None, **options: Any) -> FastAPI
     @app.exception_handler(Rejected)
     async def rejected(request: Request, exc: Rejected) -> JSONResponse:
         count(exc.reason)
+        if (exc.headers or {}).get("Connection") == "close":
+            await drain(request, s.max_upload_bytes + MULTIPART_OVERHEAD)
         return error(exc.status, exc.detail, exc.headers)
 
     @app.exception_handler(StarletteHTTPException)

@@ -95,8 +95,11 @@ async def admitted(state: Any) -> AsyncIterator[Admission]:
     if state.recognizer is None or admission is None:
         raise Rejected(503, "model not loaded yet", {"Retry-After": "2"}, reason="not_ready")
     if not admission.try_enter():
-        raise Rejected(503, "server busy: too many requests waiting; retry shortly", {"Retry-After": "1"},
-                       reason="busy")
+        # The connection is closed with the refusal: worker processes share one listening socket and one of them
+        # accepts a burst of keep-alive connections at once (31 of 32 measured), so without this a full worker keeps
+        # refusing its clients while the other idles. A retry on a new connection can land on any worker.
+        raise Rejected(503, "server busy: too many requests waiting; retry shortly",
+                       {"Retry-After": "1", "Connection": "close"}, reason="busy")
     try:
         yield admission
     finally:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 #: Room for the multipart envelope (boundaries, part headers) on top of the image itself.
 MULTIPART_OVERHEAD = 64 * 1024
@@ -55,6 +55,29 @@ async def read_body(request: Request, limit: int, shown_limit: int) -> bytes:
     except asyncio.TimeoutError:
         raise Rejected(408, f"upload not received within {BODY_TIMEOUT_S:.0f} s") from None
     return b"".join(chunks)
+
+
+#: How long a refused request's unread upload is read and dropped for, before its connection is closed anyway.
+DRAIN_TIMEOUT_S = 10.0
+
+
+async def drain(request: Request, limit: int) -> None:
+    """Read and drop what is left of the request body (up to ``limit`` bytes, for up to ``DRAIN_TIMEOUT_S``).
+
+    A response that closes its connection while upload bytes are still unread makes the kernel reset the connection,
+    and the client may then see the reset instead of the response. Reading the rest first lets the answer arrive.
+    """
+    async def read() -> None:
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                return
+
+    try:
+        await asyncio.wait_for(read(), DRAIN_TIMEOUT_S)
+    except (asyncio.TimeoutError, RuntimeError, ClientDisconnect):  # RuntimeError: the body was already read
+        pass
 
 
 #: Bodies that are not an image, and what to send instead.

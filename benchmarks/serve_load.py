@@ -4,7 +4,8 @@
 Starts the server as a real process (``--workers 2``, API keys on), waits for /readyz, warms it up, then:
 
 1. a load phase per client count (default 8 and 32): requests/s, latency p50/p95/p99, errors by status, and the
-   peak RSS of all server processes during the phase (the kernel's high-water mark, reset before each phase);
+   peak RSS of all server processes during the phase (the kernel's high-water mark, reset before each phase), and
+   how the clients' connections were spread over the worker processes halfway through;
 2. many-pixel uploads, all at once: 32 small PNGs that decode to 64 MP (refused by --max-pixels before decoding)
    and 8 that decode to 24 MP (accepted): statuses and peak RSS;
 3. a fault phase (30 s): 8 clients while one worker is killed with SIGKILL a quarter of the way in. Reported: requests
@@ -80,6 +81,31 @@ def process_tree(pid: int) -> list[int]:
         except OSError:
             pass
     return out
+
+
+def connections_per_worker(port: int, pids: list[int]) -> list[int]:
+    """Established TCP connections to ``port`` that each of ``pids`` holds, largest first (Linux /proc; [] elsewhere).
+
+    Worker processes share one listening socket and each accepts what it can, so a burst of keep-alive connections
+    may land mostly on one of them: this shows how the load phase's connections were spread.
+    """
+    inodes = set()
+    try:
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            for line in Path(table).read_text().splitlines()[1:]:
+                f = line.split()  # sl, local address:port (hex), remote, state (01 = ESTABLISHED), ..., inode
+                if f[3] == "01" and int(f[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(f[9])
+    except OSError:
+        return []
+    counts = []
+    for pid in pids:
+        try:
+            links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+        except OSError:
+            continue
+        counts.append(sum(1 for ln in links if ln.startswith("socket:[") and ln[8:-1] in inodes))
+    return sorted((c for c in counts if c), reverse=True)
 
 
 def _status_kb(pid: int, field: str) -> int | None:
@@ -286,7 +312,14 @@ def main(argv: list[str] | None = None) -> int:
         for n in [int(c) for c in args.clients.split(",") if c.strip() and c.strip() != "0"]:
             reset_peak_rss(proc.pid)
             cpu0 = cpu_seconds(proc.pid)
-            res = asyncio.run(run_clients(base, photo, n, args.duration, headers))
+            spread: list[int] = []
+
+            async def sample(t_start: float, out: list[int] = spread) -> None:  # halfway through the phase
+                await asyncio.sleep(args.duration / 2)
+                out[:] = connections_per_worker(port, process_tree(proc.pid)[1:])
+
+            res = asyncio.run(run_clients(base, photo, n, args.duration, headers, sample))
+            res["connections_per_worker"] = spread
             res["server_cpu_ms_per_request"] = 1000 * (cpu_seconds(proc.pid) - cpu0) / max(1, res["requests"])
             res["peak_rss_mb"] = memory_mb(proc.pid, "VmHWM")
             res["load_average_1min"] = os.getloadavg()[0]
@@ -338,12 +371,13 @@ def main(argv: list[str] | None = None) -> int:
           f"{'on' if keys else 'off'}, {faces} face per photo, load average before {load0:.1f} on "
           f"{os.cpu_count()} CPUs")
     print(f"{'clients':>7} {'req/s':>7} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'ok':>6}  {'errors':<18} "
-          f"{'peak RSS':>9} {'load':>5}")
+          f"{'peak RSS':>9} {'load':>5}  connections per worker")
     for p in phases:
         lat = p["latency_ms"]
         err = ", ".join(f"{k}: {v}" for k, v in p["errors"].items()) or "none"
         print(f"{p['clients']:>7} {p['requests_per_s']:>7.1f} {lat['p50']:>7.0f} {lat['p95']:>7.0f} {lat['p99']:>7.0f} "
-              f"{p['ok']:>6}  {err:<18} {p['peak_rss_mb'] or 0:>5.0f} MiB {p['load_average_1min']:>5.1f}")
+              f"{p['ok']:>6}  {err:<18} {p['peak_rss_mb'] or 0:>5.0f} MiB {p['load_average_1min']:>5.1f}  "
+              f"{' / '.join(map(str, p['connections_per_worker'])) or '?'}")
     for g in large:
         print(f"{g['uploads']} uploads at once of a {g['upload_bytes'] / 1000:.0f} kB PNG decoding to "
               f"{g['pixels'] / 1e6:.0f} MP: {g['status']} in {g['seconds']:.1f} s, peak RSS {g['peak_rss_mb']:.0f} MiB")

@@ -117,7 +117,11 @@ def restrict(probs: list[dict[str, np.ndarray]], y: np.ndarray, classes: list[st
     idx = [classes.index(c) for c in keep]
     rows = np.isin(y, idx)
     relabel = {old: new for new, old in enumerate(idx)}
-    cut = [{v: p[v][rows][:, idx] / p[v][rows][:, idx].sum(1, keepdims=True) for v in p} for p in probs]
+    def renormalised(q: np.ndarray) -> np.ndarray:
+        q = q[rows][:, idx]
+        return q / q.sum(1, keepdims=True)
+
+    cut = [{v: renormalised(q) for v, q in p.items()} for p in probs]
     return cut, np.array([relabel[int(t)] for t in y[rows]]), list(keep)
 
 

@@ -62,8 +62,7 @@ def test_bundled_accuracy_on_validation(name: str, floor: float) -> None:
     from ferkit.images import load_image
 
     rec = Recognizer(model=name)
-    root = VALIDATION
-    folders = {match_folder(d.name, rec.classes): d for d in root.iterdir() if d.is_dir()}
+    folders = {match_folder(d.name, rec.classes): d for d in VALIDATION.iterdir() if d.is_dir()}
     crops, truth = [], []
     for i, c in enumerate(rec.classes):
         files = sorted(folders[c].glob("*.jpg"))

@@ -174,7 +174,7 @@ def test_boxes_map_back_after_downscaling(factor: int) -> None:
 @needs_wild
 def test_fer2013_crops_yield_a_face() -> None:
     # 48×48 gray dataset faces that fill the frame: found after upscaling, or by the second look with a border.
-    files = sorted((FER_DIR).glob("*/*/*.jpg"))[::997][:40]
+    files = sorted(FER_DIR.glob("*/*/*.jpg"))[::997][:40]
     if not files:
         pytest.skip("no fer2013 images")
     det = get_detector("yunet")
@@ -190,7 +190,7 @@ def test_fer2013_crops_yield_a_face() -> None:
 @needs_wild
 def test_the_border_finds_faces_that_fill_the_frame() -> None:
     # A face cropped tight to its box: without the second, padded look YuNet misses some of these.
-    files = sorted((VALIDATION).glob("*/*.jpg"))[::23][:150]
+    files = sorted(VALIDATION.glob("*/*.jpg"))[::23][:150]
     if not files:
         pytest.skip("no fer2013 images")
     cls = type(get_detector("yunet"))

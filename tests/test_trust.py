@@ -113,7 +113,7 @@ def test_tight_web_crops_are_still_found_with_a_score(rec, rel: str) -> None:
 
 
 def test_48px_dataset_crops_are_found_by_the_second_look(rec) -> None:
-    files = sorted((VALIDATION).glob("*/*.jpg"))[::211][:30]
+    files = sorted(VALIDATION.glob("*/*.jpg"))[::211][:30]
     if not files:
         pytest.skip("no fer2013 data")
     found = [bool(rec.predict(str(f)).faces) for f in files]

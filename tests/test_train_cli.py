@@ -524,6 +524,30 @@ def test_resumed_run_is_bit_identical(micro: Path, tmp_path: Path) -> None:
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "resumed weights differ"
 
 
+def test_weight_ema_is_kept_and_resumed(micro: Path, tmp_path: Path) -> None:
+    """--set ema=D: every step updates the average, each epoch validates it, the averaged weights are the ones kept,
+    and a resumed run carries on the same average (bit-identical to an uninterrupted one)."""
+    common = ("--data", micro, "--epochs", 2, "--batch-size", 8, "--device", "cpu", "--seed", 5, "--set", "ema=0.5")
+    assert train(*common, "--out", tmp_path / "whole") == 0
+    a = load_ckpt(tmp_path / "whole" / "last.ckpt")
+    assert int(a["ema"]["n_averaged"]) == a["step"] > 0
+    rows = json.loads((tmp_path / "whole" / "metrics.json").read_text())["history"]
+    assert all(0 <= r["val_acc_ema"] <= 1 and "val_acc" in r for r in rows)
+    per_epoch = a["step"] // 2
+    assert train(*common, "--out", tmp_path / "split", "--max-steps", per_epoch) == 0
+    assert train("--resume", "--out", tmp_path / "split", "--max-steps", 0) == 0
+    b = load_ckpt(tmp_path / "split" / "last.ckpt")
+    assert a["ema"].keys() == b["ema"].keys()
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"]), "the resumed average differs"
+    # one epoch: the model file holds the average, not the trained weights
+    assert train(*common[:2], "--epochs", 1, *common[4:], "--out", tmp_path / "one") == 0
+    c = load_ckpt(tmp_path / "one" / "last.ckpt")
+    kept = _weights(tmp_path / "one" / "model.safetensors")
+    avg = {k: c["ema"][f"module.{k}"] for k in kept}
+    assert all(torch.equal(kept[k], avg[k].float()) for k in kept if kept[k].is_floating_point())
+    assert not all(torch.equal(kept[k], c["model"][k].float()) for k in kept if kept[k].is_floating_point())
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_interrupted_run_resumes(tiny_dataset: Path, tmp_path: Path) -> None:

@@ -42,6 +42,10 @@ class TrainConfig:
     erase: float = 0.5
     jitter: float = 0.3
     mixup: float = 0.0
+    # weight EMA (exponential moving average of the weights and BatchNorm statistics, torch.optim.swa_utils), decay
+    # per optimizer step, e.g. 0.998; 0 = off. On: each epoch validates both, and the averaged weights are the
+    # ones kept (best.ckpt, the model file)
+    ema: float = 0.0
     early_stop: int = 0  # epochs without improvement before stopping; 0 = off
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -162,6 +166,7 @@ def _validate(cfg: TrainConfig) -> None:
         (cfg.distill_views >= 0, "distill_views must be 0 (off) or positive"),
         (not cfg.distill_views or bool(cfg.teacher), "distill_views needs teachers (ferkit distill --teacher)"),
         (not cfg.view_flip or bool(cfg.distill_views), "view_flip mirrors stored views: it needs distill_views"),
+        (cfg.ema == 0.0 or 0.0 < cfg.ema < 1.0, f"ema {cfg.ema} must be 0 (off) or a decay in (0, 1)"),
         (cfg.max_steps >= 0 and cfg.early_stop >= 0, "max_steps and early_stop must be 0 (off) or positive"),
     ]
     for ok, msg in checks:

@@ -93,8 +93,10 @@ def train_one_epoch(
     loss_fn: nn.Module,
     teachers=None,
     step0: int = 0,
+    ema=None,
 ) -> dict:
-    """One pass over this rank's shard of the training set. Returns mean loss and accuracy (this rank)."""
+    """One pass over this rank's shard of the training set (``ema``: an AveragedModel updated after every step).
+    Returns mean loss and accuracy (this rank)."""
     model.train()
     idx = shard(len(labels), epoch, cfg.seed, fabric.global_rank, fabric.world_size)
     g = torch.Generator(device=images.device).manual_seed(cfg.seed * 7919 + epoch * 31 + fabric.global_rank)
@@ -140,6 +142,8 @@ def train_one_epoch(
         opt.zero_grad(set_to_none=True)
         fabric.backward(loss)
         opt.step()
+        if ema is not None:
+            ema.update_parameters(_unwrap(model))
         if sched is not None and cfg.schedule in ("onecycle", "cosine"):
             sched.step()
         with torch.no_grad():
@@ -231,6 +235,7 @@ class RunState:
     history: list[dict[str, Any]] = field(default_factory=list)
     step: int = 0
     stale: int = 0
+    ema: dict[str, Any] | None = None  # the checkpoint's averaged weights (weight EMA), until make_ema takes them
 
 
 def fit(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
@@ -267,10 +272,11 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     if teachers is not None and cfg.distill_views:
         teachers = stored_views(fabric, cfg, teachers, images, augment)
     state = resume_run(fabric, cfg, model, opt, sched, total) if resume else RunState()
+    ema = make_ema(fabric, cfg, model, state)
 
     t_train = time.perf_counter()
     images_seen = run_epochs(fabric, cfg, state, model, opt, sched, images, labels, val_images, val_labels,
-                             augment, loss_fn, teachers)
+                             augment, loss_fn, teachers, ema)
     train_seconds = time.perf_counter() - t_train
     if cfg.rank_weights:  # every rank's final weights, to check that distributed ranks agree
         Path(cfg.rank_weights).mkdir(parents=True, exist_ok=True)
@@ -284,7 +290,8 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         "plain_accuracy": plain["accuracy"],
         "tta": cfg.tta,
         "val_split": data.val_name,
-        "best_epoch": int(max(state.history, key=lambda h: h["val_acc"])["epoch"]) if state.history else 0,
+        "best_epoch": int(max(state.history, key=lambda h: h.get("val_acc_ema", h["val_acc"]))["epoch"])
+        if state.history else 0,
         "history": state.history,
         "train_seconds": train_seconds,
         "data_seconds": data.seconds,
@@ -443,7 +450,8 @@ def resume_run(fabric, cfg: TrainConfig, model: nn.Module, opt, sched, total: in
     if not ckpt_path.exists():
         raise ConfigError(f"{ckpt_path}: nothing to resume (no last.ckpt in the run directory)")
     extra = fabric.load(ckpt_path, {"model": model, "optimizer": opt, "scheduler": sched})
-    state = RunState(extra["epoch"] + 1, extra["best_acc"], extra["history"], extra["step"], extra.get("stale", 0))
+    state = RunState(extra["epoch"] + 1, extra["best_acc"], extra["history"], extra["step"], extra.get("stale", 0),
+                     extra.get("ema"))
     planned = getattr(sched, "total_steps", getattr(sched, "T_max", total))  # as restored from the checkpoint
     if planned != total:  # a one-cycle/cosine schedule cannot be stretched; it would fail at its last step
         raise ConfigError(
@@ -456,41 +464,67 @@ def resume_run(fabric, cfg: TrainConfig, model: nn.Module, opt, sched, total: in
     return state
 
 
+def make_ema(fabric, cfg: TrainConfig, model: nn.Module, state: RunState):  # noqa: ANN001,ANN201 - torch's types
+    """Weight EMA (``cfg.ema``): torch's AveragedModel over the weights and the BatchNorm statistics, restored from
+    the checkpoint on a resume; a resumed run that had none starts it from the restored weights. None when off."""
+    if not cfg.ema:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    ema = AveragedModel(_unwrap(model), multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+    if state.ema is not None:
+        ema.load_state_dict(state.ema)
+    elif state.epoch:
+        fabric.print(f"weight EMA (decay {cfg.ema}) starts at epoch {state.epoch + 1}: the checkpoint had none")
+    state.ema = None
+    return ema
+
+
 def run_epochs(fabric, cfg: TrainConfig, state: RunState, model: nn.Module, opt, sched, images: torch.Tensor,
                labels: torch.Tensor, val_images: torch.Tensor, val_labels: torch.Tensor, augment: BatchAugment,
-               loss_fn: nn.Module, teachers) -> int:
+               loss_fn: nn.Module, teachers, ema=None) -> int:
     """Train from ``state.epoch`` to the end (or an early stop), validating, keeping the best weights in best.ckpt
-    and a checkpoint in last.ckpt after every epoch. Updates ``state``; returns the number of images seen."""
+    and a checkpoint in last.ckpt after every epoch. Updates ``state``; returns the number of images seen.
+
+    With weight EMA (``ema``) both the trained and the averaged weights are validated (``val_acc``,
+    ``val_acc_ema``); the averaged ones choose the best epoch and are the weights kept."""
     out = Path(cfg.out)
     images_seen = 0
     for epoch in range(state.epoch, cfg.epochs):
         t0 = time.perf_counter()
         tr = train_one_epoch(fabric, model, opt, sched, images, labels, cfg, epoch, augment, loss_fn, teachers,
-                             state.step)
+                             state.step, ema)
         state.step += tr.pop("steps")
         images_seen += tr.pop("images")
         ev = evaluate(model, val_images, val_labels, cfg.input_size)
         ev.pop("probs")
+        if ema is not None:
+            with fabric.autocast():  # at the run's precision, like the wrapped model's own validation
+                ev_ema = evaluate(ema.module, val_images, val_labels, cfg.input_size)
+            ev.update(val_loss_ema=ev_ema["val_loss"], val_acc_ema=ev_ema["val_acc"])
+        kept_acc = ev["val_acc_ema"] if ema is not None else ev["val_acc"]
         if cfg.schedule == "plateau":
-            sched.step(ev["val_acc"])
+            sched.step(kept_acc)
         row = {"epoch": epoch + 1, **tr, **ev, "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
         state.history.append(row)
-        improved = ev["val_acc"] > state.best_acc
+        improved = kept_acc > state.best_acc
         if improved:
-            state.best_acc, state.stale = ev["val_acc"], 0
+            state.best_acc, state.stale = kept_acc, 0
             if fabric.is_global_zero:
-                _save_weights(model, out / "best.ckpt")
+                _save_weights(ema.module if ema is not None else model, out / "best.ckpt")
         else:
             state.stale += 1
         fabric.print(
             f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {tr['train_loss']:.4f}  acc {tr['train_acc'] * 100:5.2f}%"
-            f"  val_loss {ev['val_loss']:.4f}  val_acc {ev['val_acc'] * 100:5.2f}%{' *' if improved else ''}"
-            f"  {row['seconds']:.1f}s"
+            f"  val_loss {ev['val_loss']:.4f}  val_acc {ev['val_acc'] * 100:5.2f}%"
+            + (f"  ema {ev['val_acc_ema'] * 100:5.2f}%" if ema is not None else "")
+            + f"{' *' if improved else ''}  {row['seconds']:.1f}s"
         )
         state.epoch = epoch + 1
         _save_ckpt(fabric, out / "last.ckpt", {
             "model": model, "optimizer": opt, "scheduler": sched, "epoch": epoch, "best_acc": state.best_acc,
-            "history": state.history, "step": state.step, "stale": state.stale, "config": cfg.to_dict()})
+            "history": state.history, "step": state.step, "stale": state.stale, "config": cfg.to_dict(),
+            **({"ema": ema.state_dict()} if ema is not None else {})})
         if fabric.is_global_zero:
             atomic_write_text(out / "metrics.json",
                               json.dumps({"history": state.history, "status": "running"}, indent=2) + "\n")

@@ -120,3 +120,42 @@ def test_views_members_inside_an_ensemble_and_bad_views() -> None:
             create_model(bad, num_classes=3)
     with pytest.raises(ValueError, match="no architecture inside"):
         create_model("views[orig]()", num_classes=3)
+
+
+@needs_fer
+def test_unpack_members_gives_back_each_network(faces: np.ndarray, tmp_path: Path) -> None:
+    """scripts/unpack_members.py on views[...](ensemble(a,b)): each member file is that network, bare and
+    uncalibrated; a second unpack into the same folder overwrites nothing; a single network is refused."""
+    from ferkit.export import pack_ensemble
+
+    from ferkit.modelfile import save_model
+
+    net, meta = load_model("fer3")
+    other, _ = load_model("fer3")  # a second, different network: fer3 with its weights scaled
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(0.9)
+    save_model(tmp_path / "other.safetensors", other, meta)
+    packed, wrapped = tmp_path / "ens.safetensors", tmp_path / "ens-views.safetensors"
+    pack_ensemble(["fer3", str(tmp_path / "other.safetensors")], str(packed))
+    subprocess.run([sys.executable, str(REPO / "scripts" / "wrap_flip.py"), str(packed), str(wrapped), "--views",
+                    "orig,zoom_flip"], check=True, capture_output=True)
+    script = [sys.executable, str(REPO / "scripts" / "unpack_members.py")]
+    out = tmp_path / "members"
+    subprocess.run([*script, str(wrapped), str(out)], check=True, capture_output=True)
+    files = sorted(out.glob("*.safetensors"))
+    assert [f.name for f in files] == ["ens-views-m0.safetensors", "ens-views-m1.safetensors"]
+    x = (torch.as_tensor(faces).float()[:, None] / 255 - 0.5) / 0.25
+    for f, want in zip(files, (net, other)):
+        member, m_meta = load_model(f)
+        assert m_meta.arch == FER3_ARCH and m_meta.temperature == 1.0 and not m_meta.temperature_poly
+        with torch.no_grad():
+            torch.testing.assert_close(member(x), want(x))
+    with torch.no_grad():
+        assert (net(x) - other(x)).abs().max() > 0.1  # the two members really differ
+    before = files[0].read_bytes()
+    again = subprocess.run([*script, str(wrapped), str(out)], capture_output=True, text=True)
+    assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
+    assert files[0].read_bytes() == before
+    single = subprocess.run([*script, "fer3", str(tmp_path / "none")], capture_output=True, text=True)
+    assert single.returncode == 2 and "not an ensemble" in single.stderr and not (tmp_path / "none").exists()

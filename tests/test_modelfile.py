@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import struct
@@ -12,7 +13,16 @@ import torch
 from safetensors.torch import save_file
 
 from ferkit.errors import ModelFileError
-from ferkit.modelfile import FORMAT, META_KEY, ModelMeta, load_model, read_meta, resolve_model_path, save_model
+from ferkit.modelfile import (
+    FORMAT,
+    META_KEY,
+    ModelMeta,
+    load_model,
+    read_meta,
+    resolve_model_path,
+    save_model,
+    stores_half,
+)
 from ferkit.models import create_model
 
 META = ModelMeta(arch="fastcnn", classes=("happy", "sad", "neutral"), input_size=48, in_chans=1, mean=0.5, std=0.25,
@@ -118,6 +128,43 @@ def test_half_precision_weights_are_saved_as_float32(tmp_path: Path) -> None:
     net = trained_net().to(torch.bfloat16)
     loaded, _ = load_model(save_model(tmp_path / "m.safetensors", net, META))
     assert all(v.dtype in (torch.float32, torch.int64) for v in loaded.state_dict().values())
+
+
+def test_half_storage_halves_the_file_and_loads_as_float32(tmp_path: Path) -> None:
+    """half=True: kernels and weight matrices stored as float16 (what the header says), biases, norms and their
+    running statistics float32; the file about half the size; loading gives float32 weights equal to the float16
+    rounding of the originals, and the same predictions."""
+    from safetensors import safe_open
+
+    net = trained_net("fastcnn_wide", 7)
+    meta = dataclasses.replace(META, arch="fastcnn_wide", classes=("angry", "disgust", "fear", "happy", "sad",
+                                                                    "surprise", "neutral"))
+    full = save_model(tmp_path / "full.safetensors", net, meta, json_sidecar=False)
+    half = save_model(tmp_path / "half.safetensors", net, meta, json_sidecar=False, half=True)
+    assert not stores_half(full) and stores_half(half)
+    assert read_meta(half) == read_meta(full) == meta
+    state = net.state_dict()
+    with safe_open(str(half), "pt") as f:
+        for k in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            want = (torch.float16 if state[k].dim() >= 2 else torch.float32) if state[k].is_floating_point() \
+                else state[k].dtype
+            assert f.get_tensor(k).dtype == want, k
+    assert half.stat().st_size < 0.55 * full.stat().st_size
+    loaded, _ = load_model(half)
+    for k, v in loaded.state_dict().items():
+        assert v.dtype == state[k].dtype, k
+        expect = state[k].half().float() if state[k].is_floating_point() and state[k].dim() >= 2 else state[k]
+        assert torch.equal(v, expect), k
+    x = torch.randn(64, 1, 48, 48)
+    with torch.no_grad():
+        a, b = net(x), loaded(x)
+    assert not torch.equal(a, b) and (a - b).abs().max() < 1e-2 and torch.equal(a.argmax(1), b.argmax(1))
+    with torch.no_grad():  # a weight beyond float16's range would become inf: that tensor stays float32
+        net.head[-1].weight[0, 0] = 1e5
+    big = save_model(tmp_path / "big.safetensors", net, meta, json_sidecar=False, half=True)
+    with safe_open(str(big), "pt") as f:
+        assert f.get_tensor("head.3.weight").dtype == torch.float32 and f.get_tensor("head.3.weight")[0, 0] == 1e5
+        assert f.get_tensor("features.0.0.weight").dtype == torch.float16
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,16 @@ from typing import Any
 
 import numpy as np
 
-from ferkit.modelfile import FORMAT, META_KEY, WEIGHTS_DIR, ModelMeta, read_meta, resolve_model_path
+from ferkit.modelfile import (
+    FORMAT,
+    META_KEY,
+    WEIGHTS_DIR,
+    ModelMeta,
+    read_meta,
+    resolve_model_path,
+    stored_state,
+    stores_half,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -35,11 +44,14 @@ CARDS = REPO / "benchmarks" / "cards"
 MIN_SCORES = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
-def copy_weights(src: Path, dst: Path, meta: ModelMeta) -> None:
-    """Write ``src``'s tensors, byte for byte, with ``meta`` as the metadata, to ``dst`` (atomically)."""
+def copy_weights(src: Path, dst: Path, meta: ModelMeta, *, half: bool = False) -> None:
+    """Write ``src``'s tensors, byte for byte, with ``meta`` as the metadata, to ``dst`` (atomically); with ``half``
+    its weight tensors as float16 (``ferkit.modelfile.stored_state``)."""
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(str(src))
+    if half:
+        tensors = stored_state(tensors, half=True)
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
     save_file(tensors, str(tmp), metadata={META_KEY: meta.to_json(), "format": FORMAT})
     again = load_file(str(tmp))
@@ -197,8 +209,8 @@ def tta_text(meta: ModelMeta, r: dict[str, Any]) -> str:
 
 
 def card_text(name: str, meta: ModelMeta, params: int, size_mb: float, r: dict[str, Any], cal: dict[str, Any],
-              min_score: float, command: str, note: str, plots: dict[str, str]) -> str:
-    """The model card (Markdown)."""
+              min_score: float, command: str, note: str, plots: dict[str, str], *, half: bool = False) -> str:
+    """The model card (Markdown); ``half``: the file stores its weights as float16."""
     v = r["validation"]
     t = meta.training
     classes = list(meta.classes)
@@ -226,8 +238,9 @@ def card_text(name: str, meta: ModelMeta, params: int, size_mb: float, r: dict[s
         f"| suggested `min_score` | **{min_score:g}** (keeps "
         f"{pct(next(s['coverage'] for s in r['selective'] if s['min_score'] == min_score))} of validation faces) |",
         f"| speed | {speed_text(name, r, meta.arch)} |",
-        f"| file | `{name}.safetensors` ({size_mb:.2f} MB): safetensors weights + ferkit metadata JSON, loads without "
-        "pickle; `{name}.onnx` beside it |".replace("{name}", name),
+        f"| file | `{name}.safetensors` ({size_mb:.2f} MB{', float16 weights' if half else ''}): "
+        "safetensors weights + ferkit metadata JSON, loads without pickle; `{name}.onnx` beside it |"
+        .replace("{name}", name),
         "",
         f"Reproduce: `{command or 'see benchmarks/README.md'}`",
         "",
@@ -386,6 +399,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tier", default=None, choices=["fast", "large"],
                     help="fast (>= 3,000 faces/s) or large (the accurate tier); default: large for NAME-large")
     ap.add_argument("--no-onnx", action="store_true", help="do not write the ONNX sibling")
+    ap.add_argument("--half", action="store_true",
+                    help="store the weights as float16 (half the file and its ONNX sibling; everything is measured "
+                         "with the float16 file)")
+    ap.add_argument("--keep-speed", action="store_true",
+                    help="keep the speed of the bundled model being replaced (its card JSON) instead of this "
+                         "machine's: for a re-bundle that does not change what is computed (--half, recalibration) "
+                         "on a machine other than the one the speeds were measured on")
     ap.add_argument("--refresh-speed", action="store_true",
                     help="only measure the speed again and rewrite it in the model file, its card and its ONNX "
                          "sibling (on an idle machine; SRC is ignored)")
@@ -417,19 +437,29 @@ def main(argv: list[str] | None = None) -> None:
     if src.parent != dst.parent:  # where it came from (a run directory, usually)
         training.setdefault("source", str(a.src))
 
-    # 1. weights, as they are; 2. the calibration, fitted on validation from the raw logits
+    kept_speed = {}
+    if a.keep_speed:
+        try:
+            old_card = json.loads((cards / f"{a.name}.json").read_text())
+            kept_speed = {k: old_card[k] for k in ("faces_per_second", "backend", "load_average")}
+        except (OSError, ValueError, KeyError) as e:
+            raise SystemExit(f"--keep-speed: no speed to keep in {cards / f'{a.name}.json'} ({e})") from None
+        kept_speed["speed_when"] = f"{old_card.get('speed_when', 'while bundling')}, kept by a re-bundle (--keep-speed)"
+
+    # 1. weights, as they are (or as float16); 2. the calibration, fitted on validation from the raw logits
     copy_weights(src, dst, dataclasses.replace(meta, name=a.name, training=training, temperature=1.0,
-                                               temperature_poly=()))
+                                               temperature_poly=()), half=a.half)
     z, y, _ = model_logits(str(dst), data=str(data), split="validation")
     cal = calibrate(z, y, split="validation")
     metrics = dict(meta.metrics)
     metrics["calibration"] = cal
     meta = dataclasses.replace(meta, name=a.name, training=training, temperature=cal["temperature"],
                                temperature_poly=tuple(cal["temperature_poly"]), metrics=metrics)
-    copy_weights(src, dst, meta)
+    copy_weights(src, dst, meta, half=a.half)
 
     # 3. measurements with the calibrated file
     r = measure(dst, meta, data)
+    r.update(kept_speed)
     v = r["validation"]
     min_score = suggest(r["selective"])
     metrics.update({"val_split": "validation", "accuracy": v["accuracy"], "macro_f1": v["macro_f1"], "n": v["n"],
@@ -438,7 +468,7 @@ def main(argv: list[str] | None = None) -> None:
                     "suggested_min_score": min_score,
                     "faces_per_second": round(r["faces_per_second"])})
     meta = dataclasses.replace(meta, metrics=metrics)
-    copy_weights(src if src != dst else dst, dst, meta)
+    copy_weights(dst, dst, meta)
 
     cards.mkdir(parents=True, exist_ok=True)
     probs = Calibration(cal["temperature"], tuple(cal["temperature_poly"])).probs(z)
@@ -456,7 +486,7 @@ def main(argv: list[str] | None = None) -> None:
     net, _ = load_model(dst)
     params = sum(p.numel() for p in net.parameters())
     atomic_write_text(card_path, card_text(a.name, meta, params, dst.stat().st_size / 1e6, r, cal, min_score,
-                                           command, note, plots))
+                                           command, note, plots, half=stores_half(dst)))
     atomic_write_text(cards / f"{a.name}.json", json.dumps({"calibration": cal, **{k: v for k, v in r.items()
                                                                               if k != "validation"},
                                                       "validation": {k: v[k] for k in ("accuracy", "macro_f1", "n",

@@ -88,32 +88,77 @@ def test_fer3_end_to_end_on_wild_photos() -> None:
     assert ok / n >= 0.75, f"{ok}/{n} wild-dev photos right"
 
 
-@needs_fer
-def test_refresh_speed_rewrites_the_stored_speed_everywhere(tmp_path: Path) -> None:
-    """bundle_model.py --refresh-speed on a copy of fer3: the file's faces/s, its card JSON and card row take the new
-    measurement, the weights stay bit-identical and the ONNX sibling is rewritten for the new file's digest."""
+REPO = Path(__file__).resolve().parents[1]
+
+
+def copy_bundled(name: str, tmp_path: Path) -> tuple[Path, Path]:
+    """A bundled model's file, ONNX sibling, card and card JSON copied to ``weights/`` and ``cards/`` under tmp_path."""
     import shutil
-    import subprocess
-    import sys
 
-    from safetensors.numpy import load_file
-
-    from ferkit.modelfile import SOURCE_DIGEST_KEY, file_digest, onnx_sibling
-
-    repo = Path(__file__).resolve().parents[1]
-    src = bundled_models()["fer3"]
+    src = bundled_models()[name]
     to, cards = tmp_path / "weights", tmp_path / "cards"
     to.mkdir()
     cards.mkdir()
     for suffix in (".safetensors", ".onnx", ".md"):
-        shutil.copy(src.with_suffix(suffix), to / f"fer3{suffix}")
-    shutil.copy(repo / "benchmarks" / "cards" / "fer3.json", cards / "fer3.json")
+        shutil.copy(src.with_suffix(suffix), to / f"{name}{suffix}")
+    shutil.copy(REPO / "benchmarks" / "cards" / f"{name}.json", cards / f"{name}.json")
+    return to, cards
+
+
+def bundle(*args: str | Path, data: Path = FER_DIR) -> str:
+    """scripts/bundle_model.py run for real (on ``data``); its output."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "bundle_model.py"), *map(str, args), "--data",
+                        str(data)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
+@needs_fer
+def test_half_rebundle_halves_the_files_and_keeps_the_speed(tmp_path: Path, tiny_dataset: Path) -> None:
+    """bundle_model.py fer3 fer3 --half --keep-speed on a copy (measured on 90 validation faces, to stay quick):
+    float16 weights, a model file and ONNX sibling about half the size, accuracy measured on the new file (within a
+    face of the float32 one's), the speed carried over from the old card, a card that says float16, and a current
+    ONNX sibling."""
+    from ferkit.evaluate import evaluate_models
+    from ferkit.infer.runtime import OnnxRuntime, make_runtime
+    from ferkit.modelfile import SOURCE_DIGEST_KEY, file_digest, stores_half
+
+    src = bundled_models()["fer3"]
+    to, cards = copy_bundled("fer3", tmp_path)
+    old_card = json.loads((cards / "fer3.json").read_text())
+    bundle(src, "fer3", "--half", "--keep-speed", "--to", to, "--cards", cards, data=tiny_dataset)
+    new = to / "fer3.safetensors"
+    assert stores_half(new) and not stores_half(src)
+    for suffix in (".safetensors", ".onnx"):
+        assert new.with_suffix(suffix).stat().st_size < 0.6 * src.with_suffix(suffix).stat().st_size, suffix
+    m_old = evaluate_models([str(src)], data=str(tiny_dataset), split="validation")
+    m_new = read_meta(new).metrics
+    assert m_new["n"] == m_old["n"] == 90 and abs(m_new["accuracy"] - m_old["accuracy"]) <= 1 / 90
+    fps = read_meta(src).metrics["faces_per_second"]
+    assert m_new["faces_per_second"] == round(old_card["faces_per_second"]) == fps
+    assert json.loads((cards / "fer3.json").read_text())["speed_when"].endswith("kept by a re-bundle (--keep-speed)")
+    assert "float16 weights" in (to / "fer3.md").read_text()
+    rt = make_runtime(str(new))
+    assert isinstance(rt, OnnxRuntime) and rt.props[SOURCE_DIGEST_KEY] == file_digest(new)
+
+
+@needs_fer
+def test_refresh_speed_rewrites_the_stored_speed_everywhere(tmp_path: Path) -> None:
+    """bundle_model.py --refresh-speed on a copy of fer3: the file's faces/s, its card JSON and card row take the new
+    measurement, the weights stay bit-identical and the ONNX sibling is rewritten for the new file's digest."""
+    from safetensors.numpy import load_file
+
+    from ferkit.modelfile import SOURCE_DIGEST_KEY, file_digest, onnx_sibling
+
+    src = bundled_models()["fer3"]
+    to, cards = copy_bundled("fer3", tmp_path)
     card = json.loads((cards / "fer3.json").read_text())
     card["faces_per_second"] = 1.0  # a stale figure to be replaced
     (cards / "fer3.json").write_text(json.dumps(card))
-    subprocess.run([sys.executable, str(repo / "scripts" / "bundle_model.py"), "fer3", "fer3", "--refresh-speed",
-                    "--to", str(to), "--cards", str(cards), "--data", str(FER_DIR)], check=True,
-                   capture_output=True, text=True)
+    bundle("fer3", "fer3", "--refresh-speed", "--to", to, "--cards", cards)
     new = to / "fer3.safetensors"
     fps = json.loads((cards / "fer3.json").read_text())["faces_per_second"]
     assert fps > 100 and read_meta(new).metrics["faces_per_second"] == round(fps)

@@ -11,7 +11,7 @@ import torch
 from ferkit.cli import main
 from ferkit.errors import ModelFileError
 from ferkit.export import pack_ensemble, restrict_classes
-from ferkit.modelfile import ModelMeta, load_model, read_meta, save_model
+from ferkit.modelfile import ModelMeta, load_model, read_meta, save_model, stores_half
 from ferkit.models import create_model
 from ferkit.models.ensemble import ViewTTA
 
@@ -76,6 +76,13 @@ def test_cut_bundled_fer7_is_scored_and_calibrated_on_validation(tmp_path: Path,
     assert m["n"] == 2155 and m["val_split"] == "validation"  # the happy/sad/neutral faces only
     assert 0.70 < m["accuracy"] < 0.95 and r["metrics"] == m
     assert "calibration" in m and read_meta(out).temperature > 0
+    # the same cut stored as float16 through the CLI: half the file, scored as stored, within two faces
+    half = tmp_path / "fer7-3h.safetensors"
+    assert main(["export", "--model", "fer7", "--format", "ferkit", "--classes", ",".join(KEEP), "--half",
+                 "--data", str(data_dir), "--out", str(half)]) == 0
+    assert stores_half(half) and not stores_half(out) and half.stat().st_size < 0.6 * out.stat().st_size
+    mh = read_meta(half).metrics
+    assert mh["n"] == 2155 and abs(mh["accuracy"] - m["accuracy"]) <= 2 / 2155
 
 
 def test_export_classes_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str],
@@ -90,6 +97,8 @@ def test_export_classes_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "contempt" in one_line_error(capsys.readouterr().err) and not out.exists()
     assert main(["export", "--model", str(src), "--classes", "happy,sad", "--out", str(tmp_path / "z.onnx")]) == 2
     assert "--format ferkit" in one_line_error(capsys.readouterr().err)
+    assert main(["export", "--model", str(src), "--half", "--out", str(tmp_path / "z.onnx")]) == 2
+    assert "--format ferkit" in one_line_error(capsys.readouterr().err) and not (tmp_path / "z.onnx").exists()
     assert main(["export", "--model", f"{src},{src}", "--format", "ferkit", "--classes", "happy,sad",
                  "--out", str(out)]) == 2
     assert "pack the ensemble first" in one_line_error(capsys.readouterr().err) and not out.exists()

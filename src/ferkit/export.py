@@ -466,12 +466,13 @@ def _ort_version() -> str:
 
 
 def pack_ensemble(specs: list[str], out: str, *, data: str | None = None, split: str = "validation",
-                  say: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+                  say: Callable[[str], None] = lambda s: None, half: bool = False) -> dict[str, Any]:
     """Write the ensemble of ``specs`` as one ferkit model file (see :mod:`ferkit.models.ensemble`).
 
     The members must agree on classes (same order), input size, channels and normalisation. The packed model is then
     scored on ``split`` of ``data`` (default: the first member's training data, when it is there) and the metrics
-    are stored in its metadata, as a training run stores its own.
+    are stored in its metadata, as a training run stores its own. ``half``: float16 weights (see
+    :func:`ferkit.modelfile.stored_state`), calibrated and scored as stored.
 
     Raises:
         ModelFileError: fewer than two members, or members that disagree.
@@ -508,12 +509,13 @@ def pack_ensemble(specs: list[str], out: str, *, data: str | None = None, split:
         },
         metrics={},
     )
-    return _write_scored(out, ens, meta, data or first.training.get("data"), split, say)
+    return _write_scored(out, ens, meta, data or first.training.get("data"), split, say, half=half)
 
 
 def _write_scored(out: str, net: torch.nn.Module, meta: ModelMeta, data: str | None, split: str,
-                  say: Callable[[str], None]) -> dict[str, Any]:
-    """Save ``net`` as a ferkit model file; when ``data`` is there, calibrate it and store its metrics on ``split``.
+                  say: Callable[[str], None], *, half: bool = False) -> dict[str, Any]:
+    """Save ``net`` as a ferkit model file (``half``: float16 weights); when ``data`` is there, calibrate it and
+    store its metrics on ``split``, both measured on the weights as stored.
 
     A new combination of weights (averaged members, a cut output layer) is as confident as it is, not as its parts
     were: it is calibrated itself, on the split it is scored on (ECE quoted by cross-fitting, see train.calibrate).
@@ -523,24 +525,24 @@ def _write_scored(out: str, net: torch.nn.Module, meta: ModelMeta, data: str | N
     from ferkit.train.calibrate import calibrate
 
     meta = dataclasses.replace(meta, temperature=1.0, temperature_poly=(), metrics={})
-    path = save_model(out, net, meta, json_sidecar=False)
+    path = save_model(out, net, meta, json_sidecar=False, half=half)
     if data and Path(data).exists():
         z, y, _ = model_logits(str(path), data=data, split=split)
         cal = calibrate(z, y, split=split)
         meta = dataclasses.replace(meta, temperature=cal["temperature"],
                                    temperature_poly=tuple(cal["temperature_poly"]))
-        save_model(path, net, meta, json_sidecar=False)
+        save_model(path, net, meta, json_sidecar=False, half=half)
         m = evaluate_models([str(path)], data=data, split=split, say=say)
         flip = evaluate_models([str(path)], data=data, split=split, tta="flip")
         meta = dataclasses.replace(meta, metrics={
             "val_split": m["split"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
             "accuracy_tta_flip": flip["accuracy"], "n": m["n"], "calibration": cal})
-        save_model(path, net, meta, json_sidecar=False)
+        save_model(path, net, meta, json_sidecar=False, half=half)
     return {"path": str(path), "arch": meta.arch, "metrics": meta.metrics}
 
 
 def restrict_classes(spec: str, classes: list[str], out: str, *, data: str | None = None, split: str = "validation",
-                     say: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+                     say: Callable[[str], None] = lambda s: None, half: bool = False) -> dict[str, Any]:
     """Write ``spec`` cut down to ``classes`` (a subset of its own, in the order given) as one ferkit model file.
 
     Every member's output layer keeps only the rows of those classes, so each member's softmax is its softmax over
@@ -578,4 +580,4 @@ def restrict_classes(spec: str, classes: list[str], out: str, *, data: str | Non
     meta = dataclasses.replace(
         meta, classes=tuple(classes), name=Path(out).stem,
         training={**meta.training, "restricted_from": spec, "restricted_from_classes": list(meta.classes)})
-    return _write_scored(out, net.eval(), meta, data or meta.training.get("data"), split, say)
+    return _write_scored(out, net.eval(), meta, data or meta.training.get("data"), split, say, half=half)

@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "present); ferkit: the dataset to score the packed model on (default: its training data)")
     x.add_argument("--classes", help="ferkit: keep only these of the model's classes (cuts its output layers), "
                    "e.g. a happy,sad,neutral model from a seven-class one")
+    x.add_argument("--half", action="store_true",
+                   help="ferkit: store the weights as float16 (half the file; calibrated and scored as stored); "
+                   "its ONNX export is then half the size too")
     x.add_argument("--opset", type=int, default=17)
     x.add_argument("--int8", action="store_true",
                    help="onnx: statically quantised int8 (onnxruntime), calibrated on --data's train split and refused "
@@ -334,6 +337,9 @@ def cmd_export(a: argparse.Namespace) -> int:
     specs = model_specs(a.model)
     if a.classes and a.format != "ferkit":
         raise ConfigError("--classes cuts a model's classes into a ferkit model file: use it with --format ferkit")
+    if a.half and a.format != "ferkit":
+        raise ConfigError("--half stores a ferkit model file's weights as float16: use it with --format ferkit (the "
+                          "ONNX export of such a file is then half the size)")
     if a.format == "ferkit":
         from ferkit.export import pack_ensemble, restrict_classes
 
@@ -343,9 +349,9 @@ def cmd_export(a: argparse.Namespace) -> int:
                 raise ConfigError("--classes cuts one model; pack the ensemble first, then cut the packed file")
             from ferkit.classes import parse_classes
 
-            r = restrict_classes(specs[0], parse_classes(a.classes), a.out, data=a.data, say=say)
+            r = restrict_classes(specs[0], parse_classes(a.classes), a.out, data=a.data, say=say, half=a.half)
         else:
-            r = pack_ensemble(specs, a.out, data=a.data, say=say)
+            r = pack_ensemble(specs, a.out, data=a.data, say=say, half=a.half)
         acc = r["metrics"].get("accuracy")
         print(f"wrote {r['path']}: {r['arch']}" + (f", {r['metrics']['val_split']} accuracy {acc * 100:.2f}%"
                                                    if acc is not None else ""))

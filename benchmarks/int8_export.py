@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from train_speed import cpu_info  # this folder's script: the CPU's model and vector units, from /proc/cpuinfo
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[1] / "shared" / "data" / "fer2013"
@@ -63,7 +64,9 @@ def main() -> None:
               + ("" if row["export_accepts"] else " (ferkit export would refuse it)"), flush=True)
     out = HERE / "int8_export.json"
     meta = {"command": "python benchmarks/int8_export.py --models " + a.models, "loadavg": os.getloadavg(),
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", "numpy": np.__version__}
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", "numpy": np.__version__,
+            # int8 speed and accuracy depend on the vector units (VNNI or not): record them
+            "cpu": cpu_info()}
     out.write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
     print(f"wrote {out}")
 

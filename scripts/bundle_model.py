@@ -455,7 +455,7 @@ def main(argv: list[str] | None = None) -> None:
     metrics["calibration"] = cal
     meta = dataclasses.replace(meta, name=a.name, training=training, temperature=cal["temperature"],
                                temperature_poly=tuple(cal["temperature_poly"]), metrics=metrics)
-    copy_weights(src, dst, meta, half=a.half)
+    copy_weights(dst, dst, meta)  # the tensors step 1 wrote (float16 with --half), the calibrated metadata
 
     # 3. measurements with the calibrated file
     r = measure(dst, meta, data)

@@ -40,7 +40,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -54,7 +54,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LOST_SECONDS", "REID_MAX_DISTANCE", "SMOOTH_SECONDS", "FaceTracker", "ScoreSmoother", "track_units"]
+__all__ = ["LOST_SECONDS", "REID_MAX_DISTANCE", "SMOOTH_SECONDS", "FaceTracker", "ScoreSmoother", "colour_hist", "track_units"]
 
 #: Time constant τ of the score smoothing, in seconds. Expressions on the test clips change over ~1 s; τ = 0.5 s
 #: keeps a change visible within half a second while averaging out frame-to-frame flicker of the classifier.
@@ -122,17 +122,21 @@ class FaceTracker:
             self._bt = sv.ByteTrack(track_activation_threshold=0.25, lost_track_buffer=max(1, round(lost_seconds * 30)),
                                     minimum_matching_threshold=0.8, frame_rate=fps, minimum_consecutive_frames=1)
 
-    def update(self, detections: list[Detection], image: np.ndarray, t: float) -> list[int | None]:
+    def update(self, detections: list[Detection], image: np.ndarray | None, t: float, *,
+               hists: Sequence[np.ndarray] | None = None) -> list[int | None]:
         """Track IDs for one frame's detections (same order); None for a face not yet confirmed as a track.
 
         Args:
             detections: the frame's faces; image: the frame (RGB), for the colour histograms; t: its time (s).
+            hists: the faces' :func:`colour_hist` computed where the frame was decoded (``ferkit batch`` tracks
+                from its workers' detections, without the frames); then ``image`` is not used.
         """
         if not detections:
             self._bt.update_with_tensors(np.zeros((0, 5), np.float32))  # ages the tracks: a gap is a gap
             return []
         ids = self._bytetrack(detections)
-        hists = {i: _colour_hist(image, detections[i].box) for i, b in enumerate(ids) if b is not None}
+        hists = {i: (hists[i] if hists is not None else colour_hist(image, detections[i].box))
+                 for i, b in enumerate(ids) if b is not None}
         present = {self._ids[b] for b in ids if b is not None and b in self._ids}
         out: list[int | None] = []
         for i, b in enumerate(ids):
@@ -178,7 +182,7 @@ class FaceTracker:
         return ids
 
 
-def _colour_hist(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+def colour_hist(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
     """Normalised 16×8 hue × saturation histogram of a face box (float32; the box clipped to the image)."""
     import cv2
 

@@ -17,12 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from ferkit.errors import ImageError, VideoError
-from ferkit.images import IMAGE_SUFFIXES
+from ferkit.errors import ImageError, ImageTooLargeError, VideoError
+from ferkit.images import IMAGE_SUFFIXES, MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MAX_BATCH_PIXELS", "VIDEO_SUFFIXES", "Unit", "VideoInfo", "batches", "expand_inputs", "frames", "is_video",
+__all__ = ["MAX_BATCH_PIXELS", "VIDEO_SUFFIXES", "Unit", "VideoInfo", "batches", "check_video_frame_size",
+           "expand_inputs", "frames", "is_video",
            "make_progress", "open_video", "progress_enabled", "read_frame_folder", "read_units", "read_video",
            "read_webcam", "video_fps"]
 
@@ -33,6 +34,9 @@ MAX_BATCH_PIXELS = 40_000_000
 #: Containers' frame counts are estimates for some formats (from duration × fps); a shortfall of this many frames
 #: is not reported as truncation.
 FRAME_COUNT_SLACK = 1
+#: No real video has more frames per second than this (phones' slow motion records 240): with a duration limit,
+#: a video is stopped after ``limit × MAX_VIDEO_FPS`` frames even when its timestamps claim less time has passed.
+MAX_VIDEO_FPS = 240
 #: Frames per second assumed for a folder of frames (it carries no timestamps); ``fps=`` overrides it.
 DEFAULT_FOLDER_FPS = 30.0
 #: A folder of images gets a progress bar from this many files on (small ones finish before it is read).
@@ -231,6 +235,17 @@ def open_video(source: str | int) -> tuple[Any, VideoInfo]:
     return cap, info
 
 
+def check_video_frame_size(info: VideoInfo, max_pixels: int, name: str) -> None:
+    """Refuse a video whose frames hold more than ``max_pixels`` pixels (the image limit), before any frame is decoded.
+
+    Raises:
+        ImageTooLargeError: the frame size the video declares is over the limit.
+    """
+    if info.width * info.height > max_pixels:
+        raise ImageTooLargeError(f"{name}: video frames too large ({info.width}×{info.height} = "
+                                 f"{info.width * info.height:,} pixels; the limit is {max_pixels:,})")
+
+
 def video_fps(file: str) -> float:
     """The frame rate a video declares (0.0 when unknown or unreadable: the reader then reports the problem)."""
     try:
@@ -241,12 +256,16 @@ def video_fps(file: str) -> float:
     return info.fps
 
 
-def read_video(file: str, save_as: Path | None, every: int, *, progress: bool = False) -> Iterator[Unit]:
+def read_video(file: str, save_as: Path | None, every: int, *, progress: bool = False, max_pixels: int = MAX_PIXELS,
+               max_seconds: float | None = None) -> Iterator[Unit]:
     """Decode a video as a stream: one :class:`Unit` per ``every``-th frame, then an error unit if it stopped early.
 
     Frame times come from the decoder's timestamps (so variable-frame-rate videos get their real times), falling
     back to ``frame / fps``. A video whose frames stop decoding before the count its container declares ends with
-    an error unit saying how many frames were read of how many declared.
+    an error unit saying how many frames were read of how many declared. A video whose frames hold more than
+    ``max_pixels`` is refused before decoding (:func:`check_video_frame_size`), and decoding stops at a frame that
+    does; with ``max_seconds`` it stops, with an error unit, at the first frame past that time (or past
+    ``max_seconds × MAX_VIDEO_FPS`` frames), whatever duration the header declared.
     """
     import cv2
 
@@ -257,8 +276,17 @@ def read_video(file: str, save_as: Path | None, every: int, *, progress: bool = 
         return
     bar = make_progress(info.frames or None, "frames", enabled=progress, desc=Path(file).name)
     try:
+        try:
+            check_video_frame_size(info, max_pixels, file)
+        except ImageTooLargeError as e:
+            yield Unit(file, save_as, error=_problem(str(e), file))
+            return
         i = read = 0
         while True:
+            if max_seconds is not None and _past_limit(cap, i, info.fps, max_seconds):
+                yield Unit(file, save_as, error=f"video runs past the {max_seconds:g} s limit (its header declared "
+                                                f"{info.frames} frames): stopped at frame {i}")
+                return
             if i % every:
                 if not cap.grab():  # skipped frames are not decoded
                     break
@@ -266,6 +294,10 @@ def read_video(file: str, save_as: Path | None, every: int, *, progress: bool = 
                 ok, frame = cap.read()
                 if not ok:
                     break
+                if frame.shape[0] * frame.shape[1] > max_pixels:  # the header understated the size
+                    yield Unit(file, save_as, error=f"frame {i} too large ({frame.shape[1]}×{frame.shape[0]}; the "
+                                                    f"limit is {max_pixels:,} pixels)")
+                    return
                 read += 1
                 rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB) if frame.ndim == 3 else frame
                 yield Unit(file, save_as, frame=i, time=_frame_time(cap, i, info.fps), image=rgb)
@@ -279,6 +311,17 @@ def read_video(file: str, save_as: Path | None, every: int, *, progress: bool = 
     finally:
         bar.close()
         cap.release()
+
+
+def _past_limit(cap: Any, i: int, fps: float, max_seconds: float) -> bool:
+    """Whether frame ``i`` (about to be decoded) lies past ``max_seconds``: by the last frame's timestamp, by
+    ``i / fps``, or by :data:`MAX_VIDEO_FPS` when the header's rate or timestamps claim less time than that."""
+    import cv2
+
+    if i >= max_seconds * MAX_VIDEO_FPS:
+        return True
+    ms = cap.get(cv2.CAP_PROP_POS_MSEC) or 0.0
+    return ms / 1000.0 > max_seconds or (fps > 0 and i / fps > max_seconds)
 
 
 def _frame_time(cap: Any, i: int, fps: float) -> float | None:

@@ -9,6 +9,8 @@ from ferkit.errors import UnknownClassError  # noqa: F401  (re-exported: ferkit.
 
 #: The seven FER2013 expressions in the order of the ``emotion`` column of ``fer2013.csv``.
 FER2013_CLASSES: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+#: FER+'s eight expressions (Barsoum et al. 2016): FER2013's seven plus contempt (``--classes ferplus``).
+FERPLUS_CLASSES: tuple[str, ...] = FER2013_CLASSES + ("contempt",)
 #: The original project's three classes; ferkit's default.
 DEFAULT_CLASSES: tuple[str, ...] = ("happy", "sad", "neutral")
 
@@ -32,6 +34,8 @@ SYNONYMS: dict[str, str] = {
     "neutral": "neutral",
     "normal": "neutral",
     "calm": "neutral",
+    "contempt": "contempt",
+    "contemptuous": "contempt",
 }
 
 
@@ -44,7 +48,8 @@ def parse_classes(spec: str | Sequence[str] | None, *, allow_custom: bool = True
     """Resolve a ``--classes`` value to an ordered list of class names.
 
     Args:
-        spec: ``None`` (the default three), ``"all"`` (the seven FER2013 classes), a comma-separated string or a list.
+        spec: ``None`` (the default three), ``"all"`` (the seven FER2013 classes), ``"ferplus"`` (those and
+            contempt, FER+'s eight), a comma-separated string or a list.
         allow_custom: accept names that are not FER2013 expressions (custom datasets). Names that look like a
             misspelt expression (close to a known name) are still refused.
 
@@ -56,6 +61,8 @@ def parse_classes(spec: str | Sequence[str] | None, *, allow_custom: bool = True
     if isinstance(spec, str):
         if spec.strip().lower() == "all":
             return list(FER2013_CLASSES)
+        if spec.strip().lower() == "ferplus":
+            return list(FERPLUS_CLASSES)
         items = [s for s in (p.strip() for p in spec.split(",")) if s]
     else:
         items = [str(s).strip() for s in spec if str(s).strip()]

@@ -58,6 +58,11 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many optimizer steps (smoke runs); 0 = no limit
     threads: int = 0  # CPU threads for torch; 0 = torch's default
     val_split: str = "validation"
+    # crowd labels (ferkit.data.labels): a votes CSV (or folder of them) such as FER+'s, matched to the dataset's
+    # faces; "" = the folder labels. With votes, faces are validated against the FER+ majority rule
+    labels: str = ""
+    label_mode: str = "soft"  # soft (cross-entropy against the votes) | majority | probability (a label drawn per step)
+    label_missing: str = "skip"  # faces without votes: skip | folder (train them on their folder label)
     tta: str = "flip"  # test-time augmentation for the final evaluation
     init: str = ""  # start from this ferkit model's weights (fine-tuning); the head is reset if classes differ
     teacher: str = ""  # distillation: comma-separated teacher models
@@ -167,6 +172,9 @@ def _validate(cfg: TrainConfig) -> None:
         (not cfg.distill_views or bool(cfg.teacher), "distill_views needs teachers (ferkit distill --teacher)"),
         (not cfg.view_flip or bool(cfg.distill_views), "view_flip mirrors stored views: it needs distill_views"),
         (cfg.ema == 0.0 or 0.0 < cfg.ema < 1.0, f"ema {cfg.ema} must be 0 (off) or a decay in (0, 1)"),
+        (cfg.label_mode in ("soft", "majority", "probability"),
+         f"label_mode '{cfg.label_mode}' is not soft, majority or probability"),
+        (cfg.label_missing in ("skip", "folder"), f"label_missing '{cfg.label_missing}' is not skip or folder"),
         (cfg.max_steps >= 0 and cfg.early_stop >= 0, "max_steps and early_stop must be 0 (off) or positive"),
     ]
     for ok, msg in checks:

@@ -98,16 +98,17 @@ def predict_probs(
 
 
 def ensemble_probs(models: list[tuple[torch.nn.Module, Any]], split_src, classes: list[str], *, tta: str = "none",
-                   batch_size: int = 512, strict: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                   batch_size: int = 512, strict: bool = False, with_kept: bool = False) -> tuple[np.ndarray, ...]:
     """Average class probabilities of several models over one split, restricted to ``classes``.
 
     Each model sees the split decoded at its own input size, with its own calibration temperature; its
     probabilities are restricted to ``classes`` and renormalised, so a 7-class model can be scored on a 3-class
-    dataset (argmax over those classes only).
+    dataset (argmax over those classes only). ``with_kept``: also return which faces of the split were decoded
+    (``LoadedSplit.kept``), so per-face data such as votes can follow them.
     """
     from ferkit.data import load_split
 
-    total, labels = None, None
+    total, labels, kept = None, None, None
     for net, meta in models:
         data = load_split(split_src, meta.input_size, strict=strict)
         p = predict_probs(net, data.images, size=meta.input_size, mean=meta.mean, std=meta.std, tta=tta,
@@ -116,7 +117,9 @@ def ensemble_probs(models: list[tuple[torch.nn.Module, Any]], split_src, classes
         p = p[:, idx]
         p = p / p.sum(1, keepdim=True).clamp(min=1e-12)
         total = p if total is None else total + p
-        labels = data.labels
+        labels, kept = data.labels, data.take(np.arange(len(split_src)))
+    if with_kept:
+        return (total / len(models)).numpy(), labels, kept
     return (total / len(models)).numpy(), labels
 
 
@@ -134,13 +137,18 @@ def _resolve_split(ds, data: str, split: str | None, say: Callable[[str], None])
 
 def evaluate_models(specs: list[str], *, data: str | None = None, split: str | None = None, classes: str | None = None,
                     tta: str = "none", batch_size: int = 512, strict: bool = False, min_score: float | None = None,
-                    return_probs: bool = False,
+                    return_probs: bool = False, labels: str | None = None,
                     say: Callable[[str], None] = lambda s: None) -> dict[str, Any] | tuple[dict[str, Any], Any, Any]:
     """Metrics of a model (or the ensemble of ``specs``) on a dataset split; see ``ferkit evaluate``.
 
     Probabilities are calibrated by each model's stored temperature. With ``min_score``, the result's
     ``"selective"`` entry gives the coverage and the accuracy on the faces whose top score reaches it. With
     ``return_probs``, returns ``(metrics, probs, labels)``.
+
+    ``labels``: crowd votes (``ferkit.data.labels.read_votes``). Then every face of the split is classified (a face
+    in the "fear" folder that people call neutral counts for a happy/sad/neutral model), ``accuracy`` and the rest
+    stay against the folder labels (faces whose folder is one of the classes), and ``"ferplus"`` holds the FER+
+    majority accuracy, soft agreement, cross-entropy against the votes and ECE against the majority label.
     """
     from ferkit.classes import parse_classes
     from ferkit.data import find_dataset
@@ -161,18 +169,49 @@ def evaluate_models(specs: list[str], *, data: str | None = None, split: str | N
     if stored and not Path(stored).exists():  # a path relative to wherever the model was trained
         raise DatasetError(f"the model was trained on '{stored}', which is not found from {Path.cwd()}: give the "
                            f"dataset with --data")
-    ds = find_dataset(data, wanted, require_all=False)
-    split, src = _resolve_split(ds, str(data), split, say)
-    if ds.classes != list(metas[0].classes):
-        say(f"note: the model knows {len(metas[0].classes)} classes; scoring restricted to the dataset's "
-            f"{len(ds.classes)} ({', '.join(ds.classes)}), argmax over those")
-    probs, labels = ensemble_probs(models, src, ds.classes, tta=tta, batch_size=batch_size, strict=strict)
-    m = evaluate_probs(probs, labels, ds.classes)
+    if labels:
+        probs, folder, m = _with_votes(models, labels, data, split, wanted, tta, batch_size, strict, say)
+        split = m.pop("split")
+        labels = folder
+    else:
+        ds = find_dataset(data, wanted, require_all=False)
+        split, src = _resolve_split(ds, str(data), split, say)
+        if ds.classes != list(metas[0].classes):
+            say(f"note: the model knows {len(metas[0].classes)} classes; scoring restricted to the dataset's "
+                f"{len(ds.classes)} ({', '.join(ds.classes)}), argmax over those")
+        probs, labels = ensemble_probs(models, src, ds.classes, tta=tta, batch_size=batch_size, strict=strict)
+        m = evaluate_probs(probs, labels, ds.classes)
     m.update({"split": split, "data": str(data), "models": specs, "tta": tta,
               "calibration": [_calibration_note(x, split) for x in metas]})
     if min_score is not None:
         m["selective"] = selective(probs, labels, min_score)
     return (m, probs, labels) if return_probs else m
+
+
+def _with_votes(models: list[tuple[Any, Any]], labels: str, data: str, split: str | None, classes: list[str],
+                tta: str, batch_size: int, strict: bool, say: Callable[[str], None]
+                ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Score every face of the split against the folder labels and the crowd votes in ``labels``: returns the
+    probabilities and folder labels of the faces whose folder is one of ``classes`` (for the report's plots) and the
+    metrics, with ``"ferplus"`` from :func:`ferkit.data.labels.vote_metrics`."""
+    from ferkit.classes import FER2013_CLASSES
+    from ferkit.data import find_dataset
+    from ferkit.data.labels import attach_votes, read_votes, vote_metrics
+
+    table = read_votes(labels)
+    ds = find_dataset(data, list(FER2013_CLASSES), require_all=False)
+    split, src = _resolve_split(ds, str(data), split, say)
+    probs, folder_idx, kept = ensemble_probs(models, src, classes, tta=tta, batch_size=batch_size, strict=strict,
+                                             with_kept=True)
+    votes = attach_votes(table, src, ds.root)[kept]
+    folder = np.array([classes.index(ds.classes[k]) if ds.classes[k] in classes else -1
+                       for k in np.asarray(folder_idx).tolist()], np.int64)
+    k = folder >= 0
+    m = evaluate_probs(probs[k], folder[k], classes) if k.any() else {"accuracy": float("nan"), "n": 0}
+    m["ferplus"] = vote_metrics(probs, votes, classes, folder=folder)
+    m["ferplus"]["source"] = str(labels)
+    m["split"] = split
+    return probs[k], folder[k], m
 
 
 def _calibration_note(meta: Any, split: str) -> dict[str, Any]:

@@ -38,6 +38,9 @@ TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--max-steps", dict(type=int, help="stop after this many optimizer steps (smoke runs)")),
     ("--early-stop", dict(type=int, help="stop after this many epochs without validation improvement")),
     ("--tta", dict(choices=["none", "flip", "tencrop"], help="test-time augmentation for the final evaluation")),
+    ("--labels", dict(help="crowd votes to train on instead of the folder labels: a votes CSV or a folder of them "
+                          "(ferkit's layout, e.g. fer2013/ferplus/) or FER+'s fer2013new.csv beside a fer2013.csv; "
+                          "--set label_mode=soft|majority|probability, --set label_missing=skip|folder")),
     ("--init", dict(help="fine-tune or warm-restart with a fresh schedule from this model's weights (bundled name such "
                         "as fer7-large, run dir or file); its architecture unless --model is given")),
 ]
@@ -107,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--min-score", type=float, default=None, metavar="P",
                    help="also report coverage and accuracy on the faces whose top calibrated score is at least P")
+    e.add_argument("--labels", help="also score against crowd votes (a votes CSV, a folder of them, or FER+'s "
+                                    "fer2013new.csv with a fer2013.csv): FER+ majority accuracy, soft agreement, "
+                                    "cross-entropy against the votes, ECE against the majority label")
     e.add_argument("--batch-size", type=int, default=512)
     e.add_argument("--strict", action="store_true", help="fail on the first unreadable image")
 
@@ -278,6 +284,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         strict=a.strict,
         min_score=a.min_score,
         return_probs=True,
+        labels=a.labels,
         say=lambda s: print(s, file=sys.stderr),
     )
     if a.out:
@@ -292,6 +299,13 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
         print(f"model {a.model}   data {m['data']} [{m['split']}]   tta {a.tta}")
         print(format_table(m))
+        if "ferplus" in m:
+            fp = m["ferplus"]
+            print(f"against people ({fp['source']}): FER+ majority accuracy {fp['accuracy'] * 100:.2f}% "
+                  f"(n={fp['n']}; {fp['accuracy_in_folders'] * 100:.2f}% on the n={fp['n_in_folders']} of "
+                  f"them in the classes' own folders), soft agreement {fp['soft_agreement'] * 100:.2f}%, cross-entropy "
+                  f"{fp['cross_entropy']:.4f}, ECE {fp['ece']:.4f}; the folder-label figures above: "
+                  f"n={m.get('n', 0)}")
     return 0
 
 

@@ -18,7 +18,7 @@ from ferkit.errors import DatasetError, ImageError
 from ferkit.images import load_image, resize_face
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: stores which of the split's faces were kept (votes follow them)
 
 
 def cache_dir() -> Path:
@@ -37,6 +37,13 @@ class LoadedSplit:
     skipped: list[str] = field(default_factory=list)  # "path: reason"
     from_cache: bool = False
     seconds: float = 0.0
+    #: index into the source split of each decoded face (unreadable files are skipped), so per-face data such as
+    #: votes can follow the faces; None means all of them, in order
+    kept: np.ndarray | None = None
+
+    def take(self, per_face: np.ndarray) -> np.ndarray:
+        """``per_face`` (one entry per face of the source split) for the faces that were decoded."""
+        return per_face if self.kept is None else per_face[self.kept]
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -87,12 +94,12 @@ def load_split(src: SplitSource, size: int = 48, *, strict: bool = False, use_ca
                 skipped = json.loads(str(z["skipped"]))
                 if not (strict and skipped) and (len(z["labels"]) or not src.files):
                     return LoadedSplit(src.name, src.classes, z["images"], z["labels"], skipped, True,
-                                       time.perf_counter() - t0)
+                                       time.perf_counter() - t0, z["kept"])
         except Exception as e:  # a damaged cache file is rebuilt, never trusted
             log.warning("cache file %s unreadable (%s); rebuilding", path, e)
     if src.pixels is not None:
         imgs = src.pixels if size == src.pixels.shape[1] else np.stack([resize_face(a, size) for a in src.pixels])
-        labels, skipped = src.labels, []
+        labels, skipped, kept = src.labels, [], np.arange(len(src.labels))
     else:
         out = np.zeros((len(src.files), size, size), np.uint8)
         keep = np.ones(len(src.files), bool)
@@ -106,7 +113,7 @@ def load_split(src: SplitSource, size: int = 48, *, strict: bool = False, use_ca
                     keep[i] = False
                 else:
                     out[i] = r
-        imgs, labels = out[keep], src.labels[keep]
+        imgs, labels, kept = out[keep], src.labels[keep], np.flatnonzero(keep)
         if len(src.files) and not len(labels):
             raise DatasetError(f"{src.root}: none of its {len(src.files)} image(s) could be read (first: {skipped[0]})")
         if skipped:
@@ -115,8 +122,8 @@ def load_split(src: SplitSource, size: int = 48, *, strict: bool = False, use_ca
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-            np.savez(tmp, images=imgs, labels=labels, skipped=np.array(json.dumps(skipped)))
+            np.savez(tmp, images=imgs, labels=labels, skipped=np.array(json.dumps(skipped)), kept=kept)
             os.replace(tmp, path)
         except OSError as e:
             log.warning("could not write cache %s: %s", path, e)
-    return LoadedSplit(src.name, src.classes, imgs, labels, skipped, False, time.perf_counter() - t0)
+    return LoadedSplit(src.name, src.classes, imgs, labels, skipped, False, time.perf_counter() - t0, kept)

@@ -40,6 +40,7 @@ class SplitSource:
     files: list[str] = field(default_factory=list)
     labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     pixels: np.ndarray | None = None  # N×48×48 uint8 for CSV sources
+    rows: np.ndarray | None = None  # CSV sources: each face's 0-based data row of the file (matches FER+ votes)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -127,7 +128,8 @@ def _restrict(s: SplitSource, keep: list[str]) -> SplitSource:
     m = new >= 0
     files = [f for f, k in zip(s.files, m) if k] if s.files else []
     pix = s.pixels[m] if s.pixels is not None else None
-    return SplitSource(s.name, list(keep), s.root, files, new[m], pix)
+    rows = s.rows[m] if s.rows is not None else None
+    return SplitSource(s.name, list(keep), s.root, files, new[m], pix, rows)
 
 
 def _from_folder(d: Path, name: str, classes: list[str], skipped: set[str]) -> SplitSource:
@@ -154,7 +156,7 @@ def _from_csv(p: Path, classes: list[str], require_all: bool) -> Dataset:
     unknown = [c for c in classes if c not in FER2013_CLASSES]
     if unknown:
         raise DatasetError(f"{p}: a fer2013 CSV only has the seven FER2013 classes, not {', '.join(unknown)}")
-    rows: dict[str, tuple[list[np.ndarray], list[int]]] = {}
+    rows: dict[str, tuple[list[np.ndarray], list[int], list[int]]] = {}
     bad: list[str] = []
     try:
         fh = p.open(newline="", encoding="utf-8-sig")  # -sig: spreadsheet programs write a byte-order mark
@@ -190,17 +192,19 @@ def _from_csv(p: Path, classes: list[str], require_all: bool) -> Dataset:
                 continue
             if emo not in want:
                 continue
-            imgs, labs = rows.setdefault(split, ([], []))
+            imgs, labs, nums = rows.setdefault(split, ([], [], []))
             imgs.append(vals.astype(np.uint8).reshape(CSV_SIDE, CSV_SIDE))
             labs.append(want[emo])
+            nums.append(rowno - 2)
     if bad:
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
         raise DatasetError(f"{p}: {len(bad)} malformed row(s): {'; '.join(bad[:3])}{more}")
     if not rows:
         raise DatasetError(f"{p}: no rows of the classes {', '.join(classes)}")
     splits = {
-        name: SplitSource(name, list(classes), f"{p}:{name}", [], np.asarray(labs, np.int64), np.stack(imgs))
-        for name, (imgs, labs) in rows.items()
+        name: SplitSource(name, list(classes), f"{p}:{name}", [], np.asarray(labs, np.int64), np.stack(imgs),
+                          np.asarray(nums, np.int64))
+        for name, (imgs, labs, nums) in rows.items()
     }
     present = [c for c in classes if any(s.counts()[c] for s in splits.values())]
     if require_all and present != list(classes):

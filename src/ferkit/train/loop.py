@@ -106,9 +106,10 @@ def train_one_epoch(
     teachers=None,
     step0: int = 0,
     ema=None,
+    targets: torch.Tensor | None = None,
 ) -> dict:
-    """One pass over this rank's shard of the training set (``ema``: an AveragedModel updated after every step).
-    Returns mean loss and accuracy (this rank)."""
+    """One pass over this rank's shard of the training set (``ema``: an AveragedModel updated after every step;
+    ``targets``: N×C vote distributions, when training on crowd labels). Returns mean loss and accuracy (this rank)."""
     model.train()
     idx = shard(len(labels), epoch, cfg.seed, fabric.global_rank, fabric.world_size)
     g = torch.Generator(device=images.device).manual_seed(cfg.seed * 7919 + epoch * 31 + fabric.global_rank)
@@ -133,6 +134,13 @@ def train_one_epoch(
             x01 = augment.unit(images[j], generator=g)
         x = augment.pre.normalise(x01)
         y = labels[j]
+        t = None
+        if targets is not None:
+            t = targets[j]
+            if cfg.label_mode == "probability":  # FER+'s PLD: each step draws a label from the face's votes
+                drawn = torch.multinomial(t.clamp(min=0) + (t.sum(1, keepdim=True) <= 0).float(), 1, generator=g)
+                y = torch.where(t.sum(1) > 0, drawn.squeeze(1), torch.full_like(y, IGNORE))
+                t = None
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if cfg.mixup > 0:  # mixup (Zhang et al. 2018): convex blend of two images and of their losses
@@ -140,10 +148,13 @@ def train_one_epoch(
             mix = torch.randperm(len(y), device=x.device, generator=g)
             x = lam * x + (1 - lam) * x[mix]
             out = model(x)
-            loss = lam * hard_loss(loss_fn, out, y) + (1 - lam) * hard_loss(loss_fn, out, y[mix])
+            if t is not None:
+                loss = lam * soft_loss(out, t) + (1 - lam) * soft_loss(out, t[mix])
+            else:
+                loss = lam * hard_loss(loss_fn, out, y) + (1 - lam) * hard_loss(loss_fn, out, y[mix])
         else:
             out = model(x)
-            loss = hard_loss(loss_fn, out, y)
+            loss = soft_loss(out, t) if t is not None else hard_loss(loss_fn, out, y)
         if teachers is not None:
             from ferkit.train.distill import distill_loss
 
@@ -182,6 +193,16 @@ def hard_loss(loss_fn: nn.Module, out: torch.Tensor, y: torch.Tensor) -> torch.T
     if not bool(keep.any()):
         return out.float().sum() * 0.0
     return loss_fn(out.float()[keep], y[keep])
+
+
+def soft_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against target distributions (FER+'s "crossentropy" mode), averaged over the rows that have a
+    target (an all-zero row, e.g. an unlabelled transfer image, adds nothing; zero, not NaN, when none has)."""
+    has = target.sum(1) > 0
+    if not bool(has.any()):
+        return out.float().sum() * 0.0
+    logp = F.log_softmax(out.float()[has], 1)
+    return -(target.float()[has] * logp).sum(1).mean()
 
 
 def _unlabelled_images(cfg: TrainConfig, classes: list[str]) -> np.ndarray:
@@ -236,6 +257,13 @@ class Splits:
     skipped: list[str]
     from_cache: bool
     seconds: float = 0.0
+    #: crowd labels (``cfg.labels``): training targets N×C, and every validation face with its votes (N×10) and its
+    #: folder label among the run's classes (-1 if none), for the final vote and folder-label metrics
+    train_t: np.ndarray | None = None
+    val_all_x: np.ndarray | None = None
+    val_all_votes: np.ndarray | None = None
+    val_all_folder: np.ndarray | None = None
+    label_summary: dict[str, Any] | None = None
 
 
 @dataclass
@@ -270,6 +298,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     labels = torch.from_numpy(np.asarray(data.train_y)).to(dev)
     val_images = torch.from_numpy(np.ascontiguousarray(data.val_x)).to(dev)
     val_labels = torch.from_numpy(np.asarray(data.val_y)).to(dev)
+    targets = torch.from_numpy(data.train_t).to(dev) if data.train_t is not None else None
 
     model = build_model(cfg, classes, fabric, init=not resume)
     opt = make_optimizer(cfg, model)
@@ -288,7 +317,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
 
     t_train = time.perf_counter()
     images_seen = run_epochs(fabric, cfg, state, model, opt, sched, images, labels, val_images, val_labels,
-                             augment, loss_fn, teachers, ema)
+                             augment, loss_fn, teachers, ema, targets)
     train_seconds = time.perf_counter() - t_train
     if cfg.rank_weights:  # every rank's final weights, to check that distributed ranks agree
         Path(cfg.rank_weights).mkdir(parents=True, exist_ok=True)
@@ -297,6 +326,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     raw = best_weights(fabric, model, out / "best.ckpt")
     final, plain, cal = final_evaluation(raw, cfg, val_images, data, classes)
     final_probs = final.pop("probs")
+    crowd = label_metrics(raw, cfg, data, classes, cal, val_images.device)
     result = {
         "final": final,
         "plain_accuracy": plain["accuracy"],
@@ -312,6 +342,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         "status": "done",
         "images_per_second": images_seen * fabric.world_size / max(train_seconds, 1e-9),
         "calibration": cal,
+        **crowd,
     }
     if fabric.is_global_zero:
         write_run(fabric, out, cfg, raw, classes, data, plain, final, cal, result, final_probs)
@@ -322,6 +353,8 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
 def load_splits(cfg: TrainConfig, classes: list[str]) -> Splits:
     """The train and validation arrays: the dataset's validation split, else a deterministic 10% of train; plus the
     other expressions as unlabelled transfer images when ``distill_unlabeled`` asks for them."""
+    if cfg.labels:
+        return load_vote_splits(cfg, classes)
     t0 = time.perf_counter()
     ds = find_dataset(cfg.data, classes)
     tr_src = ds.splits.get("train") or ds.splits.get("single")
@@ -350,6 +383,62 @@ def load_splits(cfg: TrainConfig, classes: list[str]) -> Splits:
                   train.from_cache, time.perf_counter() - t0)
 
 
+def load_vote_splits(cfg: TrainConfig, classes: list[str]) -> Splits:
+    """The splits for training on crowd votes (``cfg.labels``): every face of the dataset's expression folders
+    (a "fear" folder face that people call neutral is a neutral face), targets from its votes
+    (``data.labels.vote_targets``: left-out faces counted by reason), validated on the faces the FER+ majority rule
+    keeps, with the majority label."""
+    from ferkit.data.labels import attach_votes, majority_labels, read_votes, vote_targets
+
+    t0 = time.perf_counter()
+    table = read_votes(cfg.labels)
+    ds = find_dataset(cfg.data, list(FER2013_CLASSES), require_all=False)
+    tr_src = ds.splits.get("train") or ds.splits.get("single")
+    if tr_src is None:
+        raise ConfigError(f"{cfg.data}: no train/ split to train on (found: {', '.join(ds.splits)})")
+
+    def faces(src) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str], bool]:  # noqa: ANN001
+        loaded = load_split(src, cfg.input_size, strict=cfg.strict)
+        votes = loaded.take(attach_votes(table, src, ds.root))
+        folder = np.array([classes.index(ds.classes[k]) if ds.classes[k] in classes else -1
+                           for k in np.asarray(loaded.labels).tolist()], np.int64)
+        return loaded.images, votes, folder, loaded.skipped, loaded.from_cache
+
+    tr_x, tr_v, tr_f, skipped, from_cache = faces(tr_src)
+    val_name = cfg.val_split if cfg.val_split in ds.splits else None
+    if val_name:
+        va_x, va_v, va_f, va_skipped, _ = faces(ds.splits[val_name])
+        skipped = skipped + va_skipped
+    else:  # no validation split: hold out a deterministic 10% of train
+        perm = np.random.default_rng(cfg.seed).permutation(len(tr_x))
+        k = max(1, len(perm) // 10)
+        va_i, tr_i = np.sort(perm[:k]), np.sort(perm[k:])
+        va_x, va_v, va_f = tr_x[va_i], tr_v[va_i], tr_f[va_i]
+        tr_x, tr_v, tr_f = tr_x[tr_i], tr_v[tr_i], tr_f[tr_i]
+        val_name = "train[10% held out]"
+    tgt = vote_targets(tr_v, classes, cfg.label_mode, folder_labels=tr_f, missing=cfg.label_missing)
+    maj = majority_labels(va_v, classes)
+    if not tgt.keep.any():
+        raise DatasetError(f"{cfg.labels}: no training face keeps a target for {', '.join(classes)} "
+                           f"({tgt.summary()})")
+    if not (maj >= 0).any():
+        raise DatasetError(f"{cfg.labels}: no {val_name} face has a FER+ majority among {', '.join(classes)}")
+    train_t = tgt.targets[tgt.keep]
+    x, y = tr_x[tgt.keep], train_t.argmax(1).astype(np.int64)
+    n_labelled = len(y)
+    if cfg.distill_unlabeled:  # the left-out faces: teachers' soft labels only
+        extra = tr_x[~tgt.keep]
+        x, y = np.concatenate([x, extra]), np.concatenate([y, np.full(len(extra), IGNORE, np.int64)])
+        train_t = np.concatenate([train_t, np.zeros((len(extra), len(classes)), np.float32)])
+    summary = {"source": cfg.labels, "mode": cfg.label_mode, "missing": cfg.label_missing,
+               "train_kept": n_labelled, "train_faces": int(len(tgt.keep)), "left_out": tgt.left_out,
+               "from_folder": tgt.from_folder, "val_kept": int((maj >= 0).sum()), "val_faces": int(len(maj)),
+               "text": tgt.summary()}
+    return Splits(x, y, va_x[maj >= 0], maj[maj >= 0], val_name, n_labelled, list(skipped), from_cache,
+                  time.perf_counter() - t0, train_t=train_t.astype(np.float32), val_all_x=va_x, val_all_votes=va_v,
+                  val_all_folder=va_f, label_summary=summary)
+
+
 def announce_run(fabric, cfg: TrainConfig, data: Splits, classes: list[str], resume: bool) -> None:
     """Rank zero: create the run directory, write config.yaml (a resumed run: once its checkpoint fits) and say
     what the run trains on."""
@@ -365,6 +454,10 @@ def announce_run(fabric, cfg: TrainConfig, data: Splits, classes: list[str], res
         + (f", plus {n_extra} unlabelled for distillation" if n_extra else "")
         + f" ({'cached' if data.from_cache else 'decoded'} in {data.seconds:.1f}s)"
     )
+    if data.label_summary:
+        ls = data.label_summary
+        fabric.print(f"labels: {ls['mode']} targets from the votes in {ls['source']}: {ls['text']}; validating on "
+                     f"the {ls['val_kept']} of {ls['val_faces']} {data.val_name} faces with a FER+ majority")
     if data.skipped:
         fabric.print(f"skipped {len(data.skipped)} unreadable image(s); listed in {out / 'skipped.txt'}")
         atomic_write_text(out / "skipped.txt", "\n".join(data.skipped) + "\n")
@@ -494,7 +587,7 @@ def make_ema(fabric, cfg: TrainConfig, model: nn.Module, state: RunState):  # no
 
 def run_epochs(fabric, cfg: TrainConfig, state: RunState, model: nn.Module, opt, sched, images: torch.Tensor,
                labels: torch.Tensor, val_images: torch.Tensor, val_labels: torch.Tensor, augment: BatchAugment,
-               loss_fn: nn.Module, teachers, ema=None) -> int:
+               loss_fn: nn.Module, teachers, ema=None, targets: torch.Tensor | None = None) -> int:
     """Train from ``state.epoch`` to the end (or an early stop), validating, keeping the best weights in best.ckpt
     and a checkpoint in last.ckpt after every epoch. Updates ``state``; returns the number of images seen.
 
@@ -505,7 +598,7 @@ def run_epochs(fabric, cfg: TrainConfig, state: RunState, model: nn.Module, opt,
     for epoch in range(state.epoch, cfg.epochs):
         t0 = time.perf_counter()
         tr = train_one_epoch(fabric, model, opt, sched, images, labels, cfg, epoch, augment, loss_fn, teachers,
-                             state.step, ema)
+                             state.step, ema, targets)
         state.step += tr.pop("steps")
         images_seen += tr.pop("images")
         ev = evaluate(model, val_images, val_labels, cfg.input_size)
@@ -580,6 +673,26 @@ def final_evaluation(raw: nn.Module, cfg: TrainConfig, val_images: torch.Tensor,
     return final, plain, cal
 
 
+def label_metrics(raw: nn.Module, cfg: TrainConfig, data: Splits, classes: list[str], cal: dict[str, Any],
+                  device: torch.device) -> dict[str, Any]:
+    """With crowd labels: the calibrated model on every validation face, scored against the votes
+    (``data.labels.vote_metrics``: FER+ majority accuracy, soft agreement, cross-entropy, ECE) and against the
+    folder labels (the faces whose folder is one of the run's classes). Empty without crowd labels."""
+    if data.val_all_x is None:
+        return {}
+    from ferkit.data.labels import vote_metrics
+
+    meta = ModelMeta(arch=cfg.model, classes=tuple(classes), temperature=cal["temperature"],
+                     temperature_poly=tuple(cal["temperature_poly"]))
+    probs = predict_probs(raw, data.val_all_x, size=cfg.input_size, mean=MEAN, std=STD, device=device,
+                          calibration=meta).numpy()
+    folder = data.val_all_folder
+    k = folder >= 0
+    return {"ferplus": vote_metrics(probs, data.val_all_votes, classes, folder=folder),
+            "accuracy_folder": float((probs[k].argmax(1) == folder[k]).mean()) if k.any() else float("nan"),
+            "n_folder": int(k.sum()), "labels": data.label_summary}
+
+
 def write_run(fabric, out: Path, cfg: TrainConfig, raw: nn.Module, classes: list[str], data: Splits,
               plain: dict[str, Any], final: dict[str, Any], cal: dict[str, Any], result: dict[str, Any],
               final_probs: np.ndarray | None = None) -> None:
@@ -604,6 +717,8 @@ def write_run(fabric, out: Path, cfg: TrainConfig, raw: nn.Module, classes: list
                if len(data.train_y) > data.n_labelled else {}),
             "teacher": cfg.teacher or None,
             "seconds": round(result["total_seconds"], 1),
+            **({"labels": {k: v for k, v in data.label_summary.items() if k != "text"}} if data.label_summary
+               else {"labels": {"source": "folder names", "mode": "hard"}}),
         },
         metrics={
             "val_split": data.val_name,
@@ -612,6 +727,10 @@ def write_run(fabric, out: Path, cfg: TrainConfig, raw: nn.Module, classes: list
             f"accuracy_tta_{cfg.tta}": final["accuracy"],
             "n": final["n"],
             "calibration": cal,
+            # which truth "accuracy" measures: the FER+ majority label where the run trained on votes
+            "labels": "ferplus-majority" if data.label_summary else "folder",
+            **({"ferplus": result["ferplus"], "accuracy_folder": result["accuracy_folder"],
+                "n_folder": result["n_folder"]} if "ferplus" in result else {}),
         },
     )
     save_model(out / "model.safetensors", raw, meta)
@@ -621,6 +740,11 @@ def write_run(fabric, out: Path, cfg: TrainConfig, raw: nn.Module, classes: list
     if result["history"]:
         plot_curves(result["history"], out / "curves.png")
     ece = f"ECE {cal['before']['ece']:.4f} -> {cal['after_cross_fit']['ece']:.4f}"
+    if "ferplus" in result:
+        fp = result["ferplus"]
+        fabric.print(f"against people (FER+ votes): majority accuracy {fp['accuracy'] * 100:.2f}% (n={fp['n']}), "
+                     f"soft agreement {fp['soft_agreement'] * 100:.2f}%, cross-entropy {fp['cross_entropy']:.4f}; "
+                     f"against the folder labels {result['accuracy_folder'] * 100:.2f}% (n={result['n_folder']})")
     fabric.print(
         f"done: {data.val_name} accuracy {plain['accuracy'] * 100:.2f}% (tta {cfg.tta}: "
         f"{final['accuracy'] * 100:.2f}%), macro-F1 {final['macro_f1'] * 100:.2f}%, {result['total_seconds']:.0f}s; "

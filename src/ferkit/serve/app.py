@@ -50,10 +50,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ferkit.errors import ConfigError, FerkitError, ModelFileError, UnknownNameError
 from ferkit.serve import metrics as metrics_mod
 from ferkit.serve.observe import ObserveMiddleware, log_config
-from ferkit.serve.routes import STATIC_DIR, Admission, error, meta_summary, protected, public
+from ferkit.serve.routes import STATIC_DIR, Admission, HeadAsGet, error, meta_summary, protected, public
 from ferkit.serve.security import APIKeys, RateLimiter, guard
-from ferkit.serve.settings import ServeSettings
-from ferkit.serve.upload import MULTIPART_OVERHEAD, Rejected, drain, one_line, reject_unknown_query
+from ferkit.serve.settings import STATE_MARKER, ServeSettings
+from ferkit.serve.upload import MULTIPART_OVERHEAD, Rejected, UploadBudget, drain, one_line, reject_unknown_query
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +189,10 @@ def create_app(settings: ServeSettings | None = None, **options: Any) -> FastAPI
     app.state.rate_limiter = (
         RateLimiter(s.rate_limit, Path(state_dir) / "ratelimit.sqlite" if state_dir else None) if s.rate_limit else None
     )
+    # uploads are read before admission: this bounds the memory of those arriving at once to what the admitted
+    # requests and video jobs may hold anyway
+    app.state.upload_budget = UploadBudget((s.concurrency + s.queue) * (s.max_upload_bytes + MULTIPART_OVERHEAD)
+                                           + s.max_video_jobs * (s.max_video_bytes + MULTIPART_OVERHEAD))
 
     def count(reason: str) -> None:
         if app.state.metrics is not None:
@@ -197,7 +201,7 @@ def create_app(settings: ServeSettings | None = None, **options: Any) -> FastAPI
     @app.exception_handler(Rejected)
     async def rejected(request: Request, exc: Rejected) -> JSONResponse:
         count(exc.reason)
-        if (exc.headers or {}).get("Connection") == "close":
+        if (exc.headers or {}).get("Connection") == "close" and exc.status != 408:  # a slow client is not waited for
             await drain(request, s.max_upload_bytes + MULTIPART_OVERHEAD)
         return error(exc.status, exc.detail, exc.headers)
 
@@ -233,6 +237,7 @@ def create_app(settings: ServeSettings | None = None, **options: Any) -> FastAPI
             allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID", "Retry-After"], max_age=600,
         )
+    app.add_middleware(HeadAsGet)
     app.add_middleware(ObserveMiddleware, access=s.access_log)  # outermost: sees every response, CORS's too
     return app
 
@@ -246,6 +251,10 @@ def _version() -> str:
         return "0"
 
 
+#: What uvicorn's worker processes import.
+APP_FACTORY = "ferkit.serve.app:app_from_env"
+
+
 def app_from_env() -> FastAPI:
     """:func:`create_app` configured by the ``FERKIT_SERVE_*`` variables (see :class:`ServeSettings`).
 
@@ -256,15 +265,41 @@ def app_from_env() -> FastAPI:
     return create_app(ServeSettings.from_env())
 
 
+#: What the server writes in its state folder (prometheus-client's files, the rate limits), removed at start.
+STATE_FILES = ("*.db", "ratelimit.sqlite*")
+
+
 def _fresh_state_dir(s: ServeSettings) -> tuple[str, bool]:
-    """The directory the workers share (metrics, rate limits), emptied; and whether ferkit created it."""
-    if s.state_dir:
-        d = Path(s.state_dir)
+    """The directory the workers share (metrics, rate limits, video jobs), emptied of the server's own files; and
+    whether ferkit created it (and removes it at the end).
+
+    ``--state-dir`` must be new, empty or marked as ferkit's (:data:`~ferkit.serve.settings.STATE_MARKER`, written
+    when ferkit takes a folder): only in such a folder are files removed, so a folder that holds anything else is
+    refused rather than cleaned.
+
+    Raises:
+        ConfigError: the folder is not ferkit's, or cannot be created or written.
+    """
+    if not s.state_dir:
+        return tempfile.mkdtemp(prefix="ferkit-serve-"), True
+    d = Path(s.state_dir)
+    flag = "--state-dir"
+    try:
         d.mkdir(parents=True, exist_ok=True)
-        for f in list(d.glob("*.db")) + list(d.glob("ratelimit.sqlite*")):  # only what the server itself writes
-            f.unlink()
-        return str(d), False
-    return tempfile.mkdtemp(prefix="ferkit-serve-"), True
+        if not (d / STATE_MARKER).is_file():
+            if any(d.iterdir()):
+                raise ConfigError(f"{flag} {d}: folder holds files ferkit did not make (it has no {STATE_MARKER}); "
+                                  "give a new or empty folder")
+            (d / STATE_MARKER).write_text("ferkit serve's state: its files here are removed when it starts\n")
+        for pattern in STATE_FILES:
+            for f in d.glob(pattern):
+                if f.is_file() and not f.is_symlink():
+                    f.unlink()
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"{flag} {d}: not a folder") from None
+    except OSError as e:
+        raise ConfigError(f"{flag} {d}: cannot use it ({(e.strerror or str(e)).lower()})") from None
+    return str(d), False
 
 
 def check_port(host: str, port: int) -> None:
@@ -330,18 +365,29 @@ def serve(settings: ServeSettings | None = None, **options: Any) -> None:
     s = s.replace(state_dir=state_dir)
     os.environ.update(s.to_env())
     os.environ[metrics_mod.MULTIPROC_ENV] = state_dir  # before any worker imports prometheus_client
+    options = dict(
+        factory=True,
+        host=s.host,
+        port=s.port,
+        workers=s.worker_count,
+        log_level=s.log_level,
+        log_config=log_config(s.log_level, s.log_format),
+        access_log=False,  # ferkit.access writes it, with the request ID (see ferkit.serve.observe)
+        timeout_graceful_shutdown=s.graceful_timeout_s,
+        # the head timeout and the per-address connection cap (ferkit.serve.connections)
+        http="ferkit.serve.connections:GuardedH11Protocol",
+        # uvicorn trusts X-Forwarded-For from 127.0.0.1 unless told otherwise: a local client could pick its address
+        proxy_headers=s.forwarded_allow_ips is not None,
+        forwarded_allow_ips=s.forwarded_allow_ips or "",
+    )
     try:
-        uvicorn.run(
-            "ferkit.serve.app:app_from_env",
-            factory=True,
-            host=s.host,
-            port=s.port,
-            workers=s.worker_count,
-            log_level=s.log_level,
-            log_config=log_config(s.log_level, s.log_format),
-            access_log=False,  # ferkit.access writes it, with the request ID (see ferkit.serve.observe)
-            timeout_graceful_shutdown=s.graceful_timeout_s,
-        )
+        if s.worker_count > 1:  # uvicorn's supervisor stops every worker when one cannot be replaced: ferkit's retries
+            from ferkit.serve.supervisor import Supervisor
+
+            config = uvicorn.Config(APP_FACTORY, **options)
+            Supervisor(config, sockets=[config.bind_socket()]).run()
+        else:
+            uvicorn.run(APP_FACTORY, **options)
     finally:
         if created:
             shutil.rmtree(state_dir, ignore_errors=True)

@@ -9,7 +9,6 @@ admission, size and pixel limits. The response is ``image/png``; ``X-Faces`` giv
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import threading
@@ -17,10 +16,8 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
-from starlette.requests import ClientDisconnect
 
-from ferkit.errors import FerkitError
-from ferkit.serve.upload import Rejected, image_bytes, one_line
+from ferkit.serve.upload import Rejected, one_line
 
 log = logging.getLogger(__name__)
 
@@ -51,21 +48,11 @@ async def explain(
     detect: bool = Query(True, description="find faces first; false explains the whole image as one face"),
     target: str | None = Query(None, description="explain this class instead of each face's predicted one"),
 ) -> Response:
-    from ferkit.serve.routes import admitted, rejection
+    from ferkit.serve.routes import run_upload
 
-    state = request.app.state
     try:
-        async with admitted(state) as slot:
-            data, name = await image_bytes(request, state.settings.max_upload_bytes)
-            async with slot.running:
-                loop = asyncio.get_running_loop()
-                png, faces = await loop.run_in_executor(state.pool, _explain, state, data, name, detect, target)
-            del data
-    except FerkitError as e:
-        raise rejection(e) from None
+        png, faces = await run_upload(request, _explain, detect, target)
     except ImportError as e:  # torch or captum missing: the server still predicts, it cannot explain
         raise Rejected(501, one_line(str(e)), reason="not_installed") from None
-    except ClientDisconnect:
-        raise Rejected(400, "client disconnected during the upload", reason="disconnected") from None
     return Response(png, media_type="image/png",
                     headers={"X-Faces": str(len(faces)), "X-Explanation": json.dumps(faces, separators=(",", ":"))})

@@ -18,6 +18,9 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 #: Latency buckets (seconds): a detect + classify takes ~16 ms alone on 2 cores and ~240 ms at p95 under 8 clients.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.175, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 FACE_BUCKETS = (0, 1, 2, 3, 5, 10, 20, 50, 100)
+#: The HTTP methods a metric names; any other (a client may send any token) is counted as "other", so that invented
+#: methods cannot create series without bound (paths are bounded the same way: see ferkit.serve.observe._endpoint).
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 def multiprocess_dir() -> str | None:
@@ -61,6 +64,8 @@ class Metrics:
         self.info.labels(model, model_version, __version__).set(1)
 
     def request(self, endpoint: str, method: str, status: int, seconds: float) -> None:
+        method = method if method in METHODS else "other"
+        status = status if 100 <= status <= 599 else 0
         self.requests.labels(endpoint, method, str(status), *self._lv).inc()
         self.latency.labels(endpoint, *self._lv).observe(seconds)
 

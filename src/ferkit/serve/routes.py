@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ferkit.errors import FerkitError, ImageError, ImageTooLargeError, ImageTooSmallError
 from ferkit.serve import schemas
@@ -43,8 +44,9 @@ STATUS_FOR: tuple[tuple[type[BaseException], int, str], ...] = (
 
 #: Routes behind the API key and the rate limit, checked first (``/healthz``, ``/readyz``, the pages stay open).
 protected = APIRouter(dependencies=[Depends(guard), Depends(reject_unknown_query)], responses=schemas.AUTH_RESPONSES)
-#: Routes anyone may call.
-public = APIRouter(dependencies=[Depends(reject_unknown_query)])
+#: Routes anyone may call. They take no parameters and ignore a query string (probes and links add cache-busters
+#: and tracking parameters; a 422 there would take a healthy server out of a load balancer).
+public = APIRouter()
 
 
 def error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -85,7 +87,7 @@ class Admission:
 
 @asynccontextmanager
 async def admitted(state: Any) -> AsyncIterator[Admission]:
-    """Admission of one inference request (any route that decodes and runs the model should use it).
+    """Admission of one inference request (:func:`run_upload` uses it for every route that decodes and runs the model).
 
     Raises ``Rejected`` 503 (with ``Retry-After``) when the model is not loaded yet or the queue is full; otherwise
     the request counts against the queue until the block ends. Inside, ``async with slot.running`` waits for one of
@@ -104,6 +106,53 @@ async def admitted(state: Any) -> AsyncIterator[Admission]:
         yield admission
     finally:
         admission.leave()
+
+
+async def run_upload(request: Request, work: Callable[..., Any], *args: Any) -> Any:
+    """Read the request's image, then run ``work(state, data, name, *args)`` in the inference pool under admission.
+
+    The upload is read first (bounded in size, rate and memory: :func:`~ferkit.serve.upload.read_body`) and only a
+    complete one asks for admission, so a client that sends slowly holds no inference slot or queue place.
+
+    Raises:
+        Rejected: the upload's refusals, 503 busy or not ready, a ferkit error's status (by class), 400 when the
+            client went away.
+    """
+    state = request.app.state
+    try:
+        data, name = await image_bytes(request, state.settings.max_upload_bytes)
+        async with admitted(state) as slot, slot.running:
+            return await asyncio.get_running_loop().run_in_executor(state.pool, work, state, data, name, *args)
+    except FerkitError as e:
+        raise rejection(e) from None
+    except ClientDisconnect:  # nobody is listening any more; just free the slot
+        raise Rejected(400, "client disconnected during the upload", reason="disconnected") from None
+    except MemoryError:
+        log.error("out of memory while handling an upload")
+        raise Rejected(503, "server out of memory for this image; try a smaller one", {"Retry-After": "5"},
+                       reason="memory") from None
+
+
+class HeadAsGet:
+    """ASGI middleware: ``HEAD`` is answered as ``GET`` without the body, on every route (FastAPI routes declared
+    with ``GET`` alone would answer 405; monitors and ``curl -I`` send ``HEAD``)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
 
 
 def meta_summary(meta: Any) -> dict[str, Any]:
@@ -180,23 +229,8 @@ async def predict(
     min_score: float | None = Query(None, ge=0.0, le=1.0, description="label a face 'uncertain' when its top "
                                     "calibrated score is below this (scores kept); the model card suggests one"),
 ) -> dict[str, Any]:
-    state = request.app.state
     t0 = time.perf_counter()
-    try:
-        async with admitted(state) as slot:
-            data, name = await image_bytes(request, state.settings.max_upload_bytes)
-            async with slot.running:
-                loop = asyncio.get_running_loop()
-                out = await loop.run_in_executor(state.pool, _infer, state, data, name, detect, min_score)
-            del data
-    except FerkitError as e:
-        raise rejection(e) from None
-    except ClientDisconnect:  # nobody is listening any more; just free the slot
-        raise Rejected(400, "client disconnected during the upload", reason="disconnected") from None
-    except MemoryError:
-        log.error("out of memory while handling an upload")
-        raise Rejected(503, "server out of memory for this image; try a smaller one", {"Retry-After": "5"},
-                       reason="memory") from None
+    out = await run_upload(request, _infer, detect, min_score)
     out["time_ms"] = round((time.perf_counter() - t0) * 1000, 1)
     return out
 

@@ -32,7 +32,9 @@ def _digest(key: str) -> bytes:
 
 
 class APIKeys:
-    """The keys of ``--api-keys FILE``: one a line, blank lines and ``#`` comments ignored."""
+    """The keys of ``--api-keys FILE``: one a line, blank lines and ``#`` comments ignored, UTF-8 (a byte-order mark
+    at the start is dropped). Keys must be printable ASCII: HTTP headers carry nothing else reliably, so a key with
+    other characters could never match and is refused when the server starts."""
 
     def __init__(self, keys: list[str]) -> None:
         self._digests = [_digest(k) for k in keys]
@@ -42,7 +44,7 @@ class APIKeys:
         """Raises: ConfigError: the file cannot be read or holds no key."""
         p = Path(path)
         try:
-            text = p.read_text(encoding="utf-8")
+            text = p.read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"{p}: cannot read the API keys file ({getattr(e, 'strerror', None) or e})") from None
         keys = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
@@ -51,6 +53,10 @@ class APIKeys:
         bad = [i for i, k in enumerate(keys) if any(c.isspace() for c in k) or len(k) < 8]
         if bad:
             raise ConfigError(f"{p}: key {bad[0] + 1} is shorter than 8 characters or holds spaces")
+        bad = [i for i, k in enumerate(keys) if not (k.isascii() and k.isprintable())]
+        if bad:
+            raise ConfigError(f"{p}: key {bad[0] + 1} holds characters other than printable ASCII (clients cannot "
+                              "send them in an HTTP header)")
         return cls(keys)
 
     def __len__(self) -> int:
@@ -112,22 +118,30 @@ async def guard(request: Request, bearer: HTTPAuthorizationCredentials | None = 
                 api_key: str | None = Depends(_api_key)) -> None:
     """The dependency of every protected route: API key (401/403), then the rate limit (429).
 
-    Sets ``request.state.client_id`` for the logs and metrics.
+    A request without a valid key counts against its address's rate limit (so keys cannot be guessed at full
+    speed): once that is spent, it gets 429 instead of 401/403. Sets ``request.state.client_id`` for the logs and
+    metrics.
     """
     state = request.app.state
     keys: APIKeys | None = state.api_keys
     client = request.client.host if request.client else "unknown"
+    request.state.client_id = client
     if keys is not None:
         presented = (bearer.credentials.strip() if bearer else "") or (api_key or "").strip()
-        if not presented:
-            raise Rejected(401, "API key required: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
-                           {"WWW-Authenticate": 'Bearer realm="ferkit"'}, reason="unauthorized")
-        kid = keys.check(presented)
+        kid = keys.check(presented) if presented else None
         if kid is None:
+            _limit(state, client)
+            if not presented:
+                raise Rejected(401, "API key required: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
+                               {"WWW-Authenticate": 'Bearer realm="ferkit"'}, reason="unauthorized")
             raise Rejected(403, "API key not accepted", reason="forbidden")
-        client = "key:" + kid
-    request.state.client_id = client
-    limiter: RateLimiter | None = state.rate_limiter
+        client = request.state.client_id = "key:" + kid
+    _limit(state, client)
+
+
+def _limit(state: object, client: str) -> None:
+    """Spend one of ``client``'s requests; 429 when its rate limit is spent (nothing without ``--rate-limit``)."""
+    limiter: RateLimiter | None = getattr(state, "rate_limiter", None)
     if limiter is not None:
         wait = limiter.take(client)
         if wait > 0:

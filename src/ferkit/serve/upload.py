@@ -11,8 +11,6 @@ from starlette.requests import ClientDisconnect, Request
 
 #: Room for the multipart envelope (boundaries, part headers) on top of the image itself.
 MULTIPART_OVERHEAD = 64 * 1024
-#: A client has this long to send its upload; slower ones get 408 so they cannot hold a slot forever.
-BODY_TIMEOUT_S = 60.0
 
 
 class Rejected(Exception):
@@ -31,29 +29,77 @@ def one_line(s: object, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+class UploadBudget:
+    """The bytes of request bodies being received at once by this process.
+
+    Uploads are read before a request is admitted to the inference queue (so that a slow client holds no slot), and
+    this budget bounds their memory instead: a chunk that does not fit is refused with 503.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+
+    def take(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.used -= n
+
+
+def too_slow(size: int, seconds: float, grace: float, rate: float) -> Rejected:
+    """The 408 for an upload that fell below the minimum rate (its connection is closed with the answer)."""
+    return Rejected(408, f"upload too slow: {size:,} bytes in {seconds:.1f} s (uploads must average at least "
+                         f"{rate / 1024:g} KiB/s after the first {grace:g} s)", {"Connection": "close"})
+
+
 async def read_body(request: Request, limit: int, shown_limit: int) -> bytes:
-    """The request body, refusing (413) as soon as it grows past ``limit`` bytes, declared or not."""
+    """The request body, refusing as soon as it grows past ``limit`` bytes, declared or not (413), falls below the
+    server's minimum upload rate (408), or does not fit in the server's upload budget (503).
+
+    The rate rule: ``t`` seconds after the body started, at least ``min_upload_rate × (t − header_timeout)`` bytes
+    must have arrived. It covers a client trickling bytes, one that stops sending, and one whose Content-Length is
+    larger than what it sends, with one deadline that each chunk pushes further.
+    """
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
-            if int(declared) > limit:
-                raise Rejected(413, f"upload too large: {int(declared):,} bytes (the limit is {shown_limit:,})")
+            n = int(declared)
         except ValueError:
             raise Rejected(400, "malformed Content-Length header") from None
-    chunks, size = [], 0
-
-    async def read() -> None:
-        nonlocal size
-        async for chunk in request.stream():
+        if n > limit:
+            raise Rejected(413, f"upload too large: {n:,} bytes (the limit is {shown_limit:,})")
+    state = request.app.state
+    grace, rate = state.settings.header_timeout_s, state.settings.min_upload_rate_kb * 1024
+    budget: UploadBudget | None = getattr(state, "upload_budget", None)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    chunks: list[bytes] = []
+    size = 0
+    stream = request.stream().__aiter__()
+    try:
+        while True:
+            wait = start + grace + size / rate - loop.time()
+            try:
+                if wait <= 0:
+                    raise asyncio.TimeoutError
+                chunk = await asyncio.wait_for(stream.__anext__(), wait)
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                raise too_slow(size, loop.time() - start, grace, rate) from None
             size += len(chunk)
             if size > limit:
                 raise Rejected(413, f"upload too large: over {shown_limit:,} bytes")
+            if budget is not None and not budget.take(len(chunk)):
+                raise Rejected(503, "server busy: too many uploads arriving at once; retry shortly",
+                               {"Retry-After": "1", "Connection": "close"}, reason="busy")
             chunks.append(chunk)
-
-    try:
-        await asyncio.wait_for(read(), BODY_TIMEOUT_S)
-    except asyncio.TimeoutError:
-        raise Rejected(408, f"upload not received within {BODY_TIMEOUT_S:.0f} s") from None
+    finally:
+        if budget is not None:
+            budget.give(sum(map(len, chunks)))
     return b"".join(chunks)
 
 
@@ -103,8 +149,8 @@ async def image_bytes(request: Request, max_bytes: int) -> tuple[bytes, str]:
     """The uploaded image and a name for it: the multipart field ``file``, or the raw body.
 
     Raises:
-        Rejected: 413 over ``max_bytes``, 408 too slow, 400 malformed multipart or more than one file, 415 a JSON,
-            form or text body.
+        Rejected: 413 over ``max_bytes``, 408 too slow, 503 upload budget full, 400 malformed multipart or more
+            than one file, 415 a JSON, form or text body.
     """
     ctype = request.headers.get("content-type", "").lower()
     if ctype.startswith(NOT_AN_IMAGE_TYPES):

@@ -19,6 +19,12 @@ Jobs run one at a time per process, in their own thread, so ``/v1/predict`` keep
 sessions are kept in memory per process (at most :data:`MAX_SESSIONS`, dropped after :data:`SESSION_IDLE_S` idle):
 with several workers a session's frames may reach different processes and its IDs restart, so the page's live mode
 is meant for a single-worker server (``--workers 1``, the default on one or two cores when set so).
+
+With ``--api-keys``, a job and a live session belong to the key that made them: other keys get 404 for the job and
+their own, separate session of the same name. Uploads are read before a job slot is reserved (a slow client holds
+none), the frame size is checked against ``--max-pixels`` before any frame is decoded, and a job stops decoding at
+``--max-video-seconds`` whatever the file's header declared (the job then ends with what it tracked and an
+``error`` saying so).
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from ferkit.errors import FerkitError, VideoError
+from ferkit.errors import FerkitError, ImageTooLargeError, VideoError
 from ferkit.fsutil import atomic_write_text
 from ferkit.serve.upload import Rejected, image_bytes, one_line
 
@@ -109,7 +115,15 @@ def _sweep(d: Path, ttl: float) -> list[dict[str, Any]]:
 
 
 def _public(job: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in job.items() if k not in ("created", "finished")}
+    return {k: v for k, v in job.items() if k not in ("created", "finished", "owner")}
+
+
+def _owner(request: Request) -> str | None:
+    """Who a job or live session belongs to: the API key's client id (``key:`` and a digest), None without keys.
+
+    With keys, a job or session is visible to the key that made it only; another key gets 404, as for an unknown id.
+    """
+    return request.state.client_id if request.app.state.api_keys is not None else None
 
 
 # -- running a job -----------------------------------------------------------------------------------------------------
@@ -127,11 +141,14 @@ def _run_job(state: Any, d: Path, job: dict[str, Any], every: int) -> None:
     rec = state.recognizer
     job.update(status="running")
     _write_job(d, job)
+    s = state.settings
     report = VideoReport(rec.classes, file=job["name"], fps=job["fps"], declared_frames=job["progress"]["frames_total"],
                          every=every, model=state.label, smoothing_seconds=SMOOTH_SECONDS, lost_seconds=LOST_SECONDS)
     last, done = time.monotonic(), 0
     try:
-        for u, res in track_units(rec, read_video(str(video), None, every), fps=job["fps"], every=every):
+        # the decoder stops at the duration and pixel limits whatever the header claimed (an error unit says so)
+        units = read_video(str(video), None, every, max_pixels=s.max_pixels, max_seconds=s.max_video_seconds)
+        for u, res in track_units(rec, units, fps=job["fps"], every=every):
             if u.error is not None:
                 report.error = u.error
                 continue
@@ -177,21 +194,22 @@ async def start_video(request: Request, every: int = Query(1, ge=1, le=30, descr
     if state.recognizer is None:
         raise Rejected(503, "model not loaded yet", {"Retry-After": "2"}, reason="not_ready")
     d = _jobs_dir(state)
+    # the upload is read first (bounded in size, rate and memory), so a client sending slowly holds no job slot
+    data, name = await image_bytes(request, s.max_video_bytes)
     with state.video_lock:
         active = [j for j in _sweep(d, s.video_job_ttl_s) if j["status"] in (*_ACTIVE, "uploading")]
         if len(active) >= s.max_video_jobs:
             raise Rejected(503, f"busy: {len(active)} video jobs queued or running (the limit is "
                                 f"{s.max_video_jobs}); retry later", {"Retry-After": "10"}, reason="busy")
         job_id = secrets.token_urlsafe(12)
-        # reserve the slot before the upload arrives, so concurrent uploads cannot all pass the check
-        job = {"id": job_id, "status": "uploading", "created": time.time(), "progress": {}}
+        # reserve the slot before the file is written and probed, so concurrent uploads cannot all pass the check
+        job = {"id": job_id, "status": "uploading", "created": time.time(), "progress": {}, "owner": _owner(request)}
         _write_job(d, job)
     try:
-        data, name = await image_bytes(request, max(1, int(s.max_video_mb * 1024 * 1024)))
         video = d / f"{job_id}.video"
         await asyncio.to_thread(video.write_bytes, data)
         del data
-        info = await asyncio.to_thread(_probe, video, name, s.max_video_seconds)
+        info = await asyncio.to_thread(_probe, video, name, s.max_video_seconds, s.max_pixels)
     except BaseException:
         _forget(d, job_id)
         raise
@@ -203,9 +221,9 @@ async def start_video(request: Request, every: int = Query(1, ge=1, le=30, descr
     return JSONResponse(_public(job), status_code=202, headers={"Location": f"/v1/videos/{job_id}"})
 
 
-def _probe(path: Path, name: str, max_seconds: float) -> Any:
-    """Open the upload as a video and check its declared duration; the VideoInfo."""
-    from ferkit.infer.sources import open_video
+def _probe(path: Path, name: str, max_seconds: float, max_pixels: int) -> Any:
+    """Open the upload as a video and check its declared duration and frame size; the VideoInfo."""
+    from ferkit.infer.sources import check_video_frame_size, open_video
 
     try:
         cap, info = open_video(str(path))
@@ -213,6 +231,10 @@ def _probe(path: Path, name: str, max_seconds: float) -> Any:
         raise Rejected(415, f"{name}: not a video this server can read (corrupt, or an unsupported codec)",
                        reason="unsupported") from None
     cap.release()
+    try:
+        check_video_frame_size(info, max_pixels, name)
+    except ImageTooLargeError as e:
+        raise Rejected(413, one_line(e), reason="too_large") from None
     if info.fps > 0 and info.frames / info.fps > max_seconds:
         raise Rejected(413, f"{name}: video too long ({info.frames / info.fps:.1f} s; the limit is "
                             f"{max_seconds:g} s)", reason="too_large")
@@ -223,7 +245,7 @@ def _job_or_404(request: Request, job_id: str) -> tuple[Path, dict[str, Any]]:
     d = _jobs_dir(request.app.state)
     _sweep(d, request.app.state.settings.video_job_ttl_s)
     job = _read_job(d, job_id) if _ID.match(job_id) else None
-    if job is None or job["status"] == "uploading":
+    if job is None or job["status"] == "uploading" or job.get("owner") != _owner(request):
         raise Rejected(404, f"no video job '{one_line(job_id, 40)}' (unknown, or expired)", reason="not_found")
     return d, job
 
@@ -260,15 +282,24 @@ class _Session:
         self.lock = threading.Lock()
 
 
-def _session(state: Any, sid: str) -> _Session:
+def _session(state: Any, owner: str | None, sid: str) -> _Session:
+    """Live session ``sid`` of ``owner`` (an API key's client id, or None without keys), made on first use.
+
+    Each owner has its own sessions, at most :data:`MAX_SESSIONS` of them (its least recently used one is dropped for
+    a new one): a client can neither post into nor evict another key's session.
+    """
     _jobs_dir(state)  # creates the lock
     with state.video_lock:
-        sessions: OrderedDict[str, _Session] | None = getattr(state, "live_sessions", None)
-        if sessions is None:
-            sessions = state.live_sessions = OrderedDict()
+        owners: dict[str | None, OrderedDict[str, _Session]] | None = getattr(state, "live_sessions", None)
+        if owners is None:
+            owners = state.live_sessions = {}
         now = time.monotonic()
-        for k in [k for k, v in sessions.items() if now - v.seen > SESSION_IDLE_S]:
-            del sessions[k]
+        for who in list(owners):
+            for k in [k for k, v in owners[who].items() if now - v.seen > SESSION_IDLE_S]:
+                del owners[who][k]
+            if not owners[who]:
+                del owners[who]
+        sessions = owners.setdefault(owner, OrderedDict())
         sess = sessions.get(sid)
         if sess is None:
             sess = sessions[sid] = _Session()
@@ -279,11 +310,12 @@ def _session(state: Any, sid: str) -> _Session:
         return sess
 
 
-def _track_frame(state: Any, sess: _Session, data: bytes, name: str) -> dict[str, Any]:
+def _track_frame(state: Any, data: bytes, name: str, owner: str | None, session: str) -> dict[str, Any]:
     from ferkit.infer.results import Face
 
     rec = state.recognizer
     image = rec.load(data, name=name, max_pixels=state.settings.max_pixels)
+    sess = _session(state, owner, session)
     with sess.lock:  # one session's frames in order
         t = time.monotonic() - sess.t0
         dets = rec.detector.detect(image)
@@ -304,24 +336,9 @@ def _track_frame(state: Any, sess: _Session, data: bytes, name: str) -> dict[str
 @router.post("/v1/track", summary="Track the faces of one webcam frame within a session (live mode)")
 async def track_frame(request: Request, session: str = Query(..., min_length=8, max_length=64,
                                                               pattern=r"^[A-Za-z0-9_-]+$")) -> dict[str, Any]:
-    from ferkit.serve.routes import rejection
+    from ferkit.serve.routes import run_upload
 
-    state = request.app.state
-    admission = state.admission
-    if state.recognizer is None or admission is None:
-        raise Rejected(503, "model not loaded yet", {"Retry-After": "2"}, reason="not_ready")
-    if not admission.try_enter():
-        raise Rejected(503, "server busy: too many requests waiting; retry shortly", {"Retry-After": "1"},
-                       reason="busy")
     t0 = time.perf_counter()
-    try:
-        data, name = await image_bytes(request, state.settings.max_upload_bytes)
-        sess = _session(state, session)
-        async with admission.running:
-            out = await asyncio.get_running_loop().run_in_executor(state.pool, _track_frame, state, sess, data, name)
-    except FerkitError as e:
-        raise rejection(e) from None
-    finally:
-        admission.leave()
+    out = await run_upload(request, _track_frame, _owner(request), session)
     out["time_ms"] = round((time.perf_counter() - t0) * 1000, 1)
     return out

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import stat
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,13 +20,14 @@ from typing import Any
 import numpy as np
 
 from ferkit.errors import ImageError, ImageTooLargeError, VideoError
-from ferkit.images import IMAGE_SUFFIXES, MAX_PIXELS
+from ferkit.fsutil import display
+from ferkit.images import IMAGE_SUFFIXES, MAX_PIXELS, file_problem
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MAX_BATCH_PIXELS", "VIDEO_SUFFIXES", "Unit", "VideoInfo", "batches", "check_video_frame_size",
-           "expand_inputs", "frames", "is_video",
-           "make_progress", "open_video", "progress_enabled", "read_frame_folder", "read_units", "read_video",
+__all__ = ["MAX_BATCH_PIXELS", "STDIN", "TRACK_OUTPUTS", "VIDEO_SUFFIXES", "Unit", "VideoInfo", "batches",
+           "check_video_frame_size", "expand_inputs", "frames", "is_own_output", "is_video", "make_progress",
+           "open_video", "progress_enabled", "read_frame_folder", "read_stdin", "read_units", "read_video",
            "read_webcam", "video_fps"]
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv",
@@ -39,6 +42,11 @@ FRAME_COUNT_SLACK = 1
 MAX_VIDEO_FPS = 240
 #: Frames per second assumed for a folder of frames (it carries no timestamps); ``fps=`` overrides it.
 DEFAULT_FOLDER_FPS = 30.0
+#: Declared frame rates outside this range are taken as unknown, and so are the video's timestamps (they follow the
+#: same clock): its frames are then timed at ``ASSUMED_FPS``. A header declaring 0.001 fps put frames 1000 s apart,
+#: so that ByteTrack's memory (in frames) dropped every track at once and one track claimed 10,000 s visible.
+PLAUSIBLE_FPS = (0.5, MAX_VIDEO_FPS)
+ASSUMED_FPS = 30.0
 #: A folder of images gets a progress bar from this many files on (small ones finish before it is read).
 PROGRESS_MIN_FILES = 50
 
@@ -55,7 +63,8 @@ class Unit:
     error: str | None = None
 
     def head(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"file": self.file}
+        """The start of this unit's output element: its file (printable: :func:`ferkit.fsutil.display`), frame, time."""
+        d: dict[str, Any] = {"file": display(self.file)}
         if self.frame is not None:
             d["frame"] = self.frame
             d["time"] = self.time
@@ -71,10 +80,31 @@ def is_video(path: Path) -> bool:
     return path.suffix.lower() in VIDEO_SUFFIXES
 
 
+#: The input name that means "read one image from standard input" (``cat x.jpg | ferkit predict -``).
+STDIN = "-"
+#: Largest image read from standard input (it is held in memory whole before decoding).
+MAX_STDIN_BYTES = 256 * 1024 * 1024
+#: What ``ferkit track`` writes for each input (``NAME.<suffix>``) and ``ferkit explain`` for each image: files with
+#: these endings are never read back as inputs (``track frames/ --out frames/`` twice read its own timeline as a
+#: frame, then overwrote it), and their names are skipped in folders with one line each.
+TRACK_OUTPUTS = ("frames.csv", "tracks.json", "timeline.png", "tracked.mp4")
+_OWN_OUTPUT = re.compile(r"\.(timeline\.png|tracked\.mp4|explain\.png|face\d+\.png)$", re.IGNORECASE)
+
+
+def is_own_output(name: str | os.PathLike) -> bool:
+    """Whether a file's name is one ferkit gives its outputs (``clip.timeline.png``, ``x.face2.png`` …)."""
+    return bool(_OWN_OUTPUT.search(os.fspath(name)))
+
+
 def expand_inputs(inputs: list[str]) -> Iterator[tuple[str, Path, str | None]]:
     """``(file, name to save the annotated copy as, error)`` for each image or video, in order; folders recursively
-    (sorted), files as given."""
+    (sorted), files as given; ``-`` is standard input. Anything but a regular file (a FIFO, a device) is refused
+    here, before anything opens it (:func:`ferkit.images.file_problem`); ferkit's own outputs in folders are skipped
+    (:func:`is_own_output`)."""
     for inp in inputs:
+        if inp == STDIN:
+            yield inp, Path("stdin.png"), None
+            continue
         p = Path(inp)
         try:
             is_dir, exists = p.is_dir(), p.exists()
@@ -90,10 +120,10 @@ def expand_inputs(inputs: list[str]) -> Iterator[tuple[str, Path, str | None]]:
                 yield inp, Path(p.name or "folder"), f"folder holds no images or videos (looked for {exts})"
             for f in found:
                 yield str(f), f.relative_to(p), None
-        elif not exists:
+        elif not exists and not os.path.islink(inp):
             yield inp, Path(p.name), "no such file or folder"
         else:
-            yield inp, Path(p.name), None
+            yield inp, Path(p.name), file_problem(inp)
 
 
 def _frames(file: str) -> int:
@@ -111,24 +141,12 @@ def _frames(file: str) -> int:
         return 1
 
 
-def _cannot_open(file: str) -> str | None:
-    """Why ``file`` cannot be opened for reading ("permission denied", ...), or None when it can."""
-    try:
-        with open(file, "rb"):
-            return None
-    except PermissionError:
-        return "permission denied"
-    except FileNotFoundError:
-        return "no such file or folder"
-    except OSError as e:
-        return f"cannot read the file ({(e.strerror or str(e)).lower()})"
-
-
 def _walk(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Every image and video under ``root`` (sorted by relative path) and the sub-folders that could not be listed.
 
     Hidden files and folders (``.thumbnails/``, macOS ``._x.jpg`` AppleDouble files) are skipped: they are not
-    photos, and the AppleDouble ones look like JPEGs by name only.
+    photos, and the AppleDouble ones look like JPEGs by name only. So are ferkit's own outputs (a line each). A
+    name that is not a regular file (a FIFO called ``x.png``) comes back among the unreadable, with the reason.
     """
     found: list[Path] = []
     unreadable: list[tuple[Path, str]] = []
@@ -141,8 +159,20 @@ def _walk(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
             suffix = Path(name).suffix.lower()
-            if not name.startswith(".") and (suffix in IMAGE_SUFFIXES or suffix in VIDEO_SUFFIXES):
-                found.append(Path(dirpath) / name)
+            if name.startswith(".") or not (suffix in IMAGE_SUFFIXES or suffix in VIDEO_SUFFIXES):
+                continue
+            f = Path(dirpath) / name
+            if is_own_output(name):
+                log.warning("%s: skipped (a file ferkit wrote, not an input)", display(f))
+                continue
+            try:
+                regular = stat.S_ISREG(f.stat().st_mode)
+            except OSError:
+                regular = False
+            if regular:
+                found.append(f)
+            else:
+                unreadable.append((f, file_problem(f) or "not a regular file; skipped"))
     found.sort(key=lambda f: f.relative_to(root).as_posix())
     return found, sorted(unreadable)
 
@@ -164,8 +194,13 @@ def read_units(jobs: list[tuple[str, Path, str | None]], every: int, *, progress
         for file, save_as, error in jobs:
             if error is not None:
                 yield Unit(file, save_as, error=error)
+            elif file == STDIN:
+                try:
+                    yield Unit(file, save_as, image=read(read_stdin(), name="standard input"))
+                except ImageError as e:
+                    yield Unit(file, save_as, error=_problem(str(e), "standard input"))
             elif is_video(Path(file)):
-                why = _cannot_open(file)
+                why = file_problem(file)
                 if why:  # OpenCV would only say "cannot open video"
                     yield Unit(file, save_as, error=why)
                 else:
@@ -187,6 +222,23 @@ def read_units(jobs: list[tuple[str, Path, str | None]], every: int, *, progress
         bar.close()
 
 
+def read_stdin(limit: int = MAX_STDIN_BYTES) -> bytes:
+    """The bytes of standard input, up to ``limit``.
+
+    Raises:
+        ImageError: nothing on standard input, or a terminal; ImageTooLargeError: more than ``limit`` bytes.
+    """
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None or sys.stdin.isatty():
+        raise ImageError("standard input is a terminal, not an image; pipe one in (cat photo.jpg | ferkit predict -)")
+    data = stream.read(limit + 1)
+    if len(data) > limit:
+        raise ImageTooLargeError(f"standard input holds more than {limit:,} bytes")
+    if not data:
+        raise ImageError("standard input is empty (0 bytes)")
+    return data
+
+
 @dataclass(frozen=True)
 class VideoInfo:
     """What a video's container declares: frames per second (0 when unknown), frame count (0 when unknown), size."""
@@ -195,6 +247,13 @@ class VideoInfo:
     frames: int
     width: int
     height: int
+    #: The rate the container declared, when ``fps`` is 0 because it was outside ``PLAUSIBLE_FPS`` (else ``fps``).
+    declared_fps: float = 0.0
+
+    @property
+    def implausible_fps(self) -> bool:
+        """The header declared a frame rate outside ``PLAUSIBLE_FPS``: its timestamps are not used either."""
+        return self.fps == 0 and self.declared_fps != 0
 
 
 def open_video(source: str | int) -> tuple[Any, VideoInfo]:
@@ -228,10 +287,11 @@ def open_video(source: str | int) -> tuple[Any, VideoInfo]:
             raise VideoError(f"webcam {source}: cannot open it (no such camera, or it is in use)")
         raise VideoError(f"{source}: cannot open video (not a video, or a codec OpenCV cannot read)")
     cap.set(cv2.CAP_PROP_ORIENTATION_AUTO, 1)
-    fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+    declared = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+    fps = declared if PLAUSIBLE_FPS[0] <= declared <= PLAUSIBLE_FPS[1] else 0.0  # NaN fails the test too
     frames = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0) if not isinstance(source, int) else 0
-    info = VideoInfo(fps if fps > 0 else 0.0, max(frames, 0), int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)),
-                     int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+    info = VideoInfo(fps, max(frames, 0), int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)),
+                     int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)), declared_fps=declared if declared > 0 else 0.0)
     return cap, info
 
 
@@ -274,6 +334,9 @@ def read_video(file: str, save_as: Path | None, every: int, *, progress: bool = 
     except VideoError as e:
         yield Unit(file, save_as, error=_problem(str(e), file))
         return
+    if info.implausible_fps:
+        log.warning("%s: the declared frame rate (%g fps) is implausible; its frames are timed at %g fps",
+                    display(file), info.declared_fps, ASSUMED_FPS)
     bar = make_progress(info.frames or None, "frames", enabled=progress, desc=Path(file).name)
     try:
         try:
@@ -284,8 +347,8 @@ def read_video(file: str, save_as: Path | None, every: int, *, progress: bool = 
         i = read = 0
         while True:
             if max_seconds is not None and _past_limit(cap, i, info.fps, max_seconds):
-                yield Unit(file, save_as, error=f"video runs past the {max_seconds:g} s limit (its header declared "
-                                                f"{info.frames} frames): stopped at frame {i}")
+                yield Unit(file, save_as, error=f"video runs past the {max_seconds:g} s limit: stopped at frame {i} "
+                                                f"(its header declares {info.frames} frame{'s' * (info.frames != 1)})")
                 return
             if i % every:
                 if not cap.grab():  # skipped frames are not decoded
@@ -300,7 +363,8 @@ def read_video(file: str, save_as: Path | None, every: int, *, progress: bool = 
                     return
                 read += 1
                 rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB) if frame.ndim == 3 else frame
-                yield Unit(file, save_as, frame=i, time=_frame_time(cap, i, info.fps), image=rgb)
+                t = round(i / ASSUMED_FPS, 3) if info.implausible_fps else _frame_time(cap, i, info.fps)
+                yield Unit(file, save_as, frame=i, time=t, image=rgb)
             i += 1
             bar.update(1)
         if read == 0:
@@ -373,7 +437,17 @@ def read_frame_folder(folder: str | os.PathLike, every: int = 1, fps: float = DE
     from ferkit.infer.recognizer import Recognizer
 
     p = Path(folder)
-    files = sorted((f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES), key=_natural)
+    files = []
+    for f in p.iterdir():
+        if f.suffix.lower() not in IMAGE_SUFFIXES or f.name.startswith("."):
+            continue
+        if is_own_output(f.name):
+            log.warning("%s: skipped (a file ferkit wrote, not a frame)", display(f))
+        elif f.is_file():
+            files.append(f)
+        elif not f.is_dir():  # a FIFO called x.png would block the read forever
+            log.warning("%s: %s", display(f), file_problem(f) or "not a regular file; skipped")
+    files.sort(key=_natural)
     if not files:
         exts = " ".join(sorted(IMAGE_SUFFIXES))
         raise VideoError(f"{folder}: folder holds no frames (looked for {exts})")

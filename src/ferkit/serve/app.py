@@ -12,9 +12,12 @@ Endpoints (see ``/docs`` for the interactive offline description, ``/openapi.jso
 * ``GET /`` — the web page (``static/index.html``), ``GET /docs`` — the API page; neither needs a network.
 
 With ``--api-keys`` the ``/v1/*`` and ``/metrics`` routes need a key (401 without, 403 wrong); with
-``--rate-limit N`` each key (or client address) gets N requests per second (429 with ``Retry-After``). Inference
-runs in a small thread pool, never on the event loop, behind an admission counter: at most ``max_concurrency``
-images are decoded and classified at once and at most ``max_queue`` more wait, so memory stays bounded under load.
+``--rate-limit N`` each key (or client address) gets N requests per second (429 with ``Retry-After``), and requests
+without a valid key count against their address's. Inference runs in a small thread pool, never on the event loop,
+behind an admission counter: at most ``max_concurrency`` images are decoded and classified at once and at most
+``max_queue`` more wait. An upload is read completely (bounded in size, rate and memory; 408 when too slow) before
+it asks for admission, so a slow client holds no slot; request heads are timed and connections per address capped
+below the HTTP parser (:mod:`ferkit.serve.connections`). ``HEAD`` is answered on every ``GET`` route.
 Error responses are ``{"detail": "<one line>"}``; no traceback reaches a client. Every response carries
 ``X-Request-ID``, and so does every log line.
 

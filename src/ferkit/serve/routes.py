@@ -200,11 +200,11 @@ def _responses(**codes: str) -> dict[int | str, dict[str, Any]]:
     response_model=schemas.Prediction,
     responses=_responses(
         e400="malformed multipart upload, or more than one file in it",
-        e408="upload not received in time",
+        e408="upload too slow (under --min-upload-rate on average after --header-timeout)",
         e413="upload over the size limit, or image over the pixel limit",
         e415="not a readable image (empty, truncated, unknown format), or a JSON/form body instead of an image",
         e422="bad or unknown query parameter, or an image too small to hold a face",
-        e503="busy: inference queue full (see Retry-After) or model not loaded",
+        e503="busy: inference queue or upload memory full (see Retry-After), or model not loaded",
     ),
     openapi_extra={
         "requestBody": {

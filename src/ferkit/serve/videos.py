@@ -2,7 +2,8 @@
 frames for the web page.
 
 * ``POST /v1/videos`` — a video as multipart field ``file`` or the raw body (``?every=N`` samples every Nth frame).
-  202 with ``{"id", "status": "queued", ...}``. 413 over ``--max-video-mb`` or longer than ``--max-video-seconds``;
+  202 with ``{"id", "status": "queued", ...}``. 413 over ``--max-video-mb``, longer than ``--max-video-seconds`` or
+  frames over ``--max-pixels``;
   415 not a video OpenCV can read; 503 (``Retry-After``) when ``--max-video-jobs`` jobs are queued or running.
 * ``GET /v1/videos/{id}`` — ``{"id", "status": queued|running|done|failed|cancelled, "progress": {"frames_done",
   "frames_total"}, "result": <summary, when done>, "error": <one line, when failed or truncated>}``; 404 unknown or

@@ -43,12 +43,12 @@ class Supervisor(Multiprocess):
                     if process is failed:
                         self._start(idx)
                 continue
-            if process.is_ready(timeout=1):
-                self.served = True
-                self.failures.pop(idx, None)
-                continue
             if process.is_alive(timeout=self.config.timeout_worker_healthcheck):
-                continue  # still starting
+                # (one more ping only while it matters: until a worker first serves, and for a retried worker)
+                if (not self.served or idx in self.failures) and process.is_ready(timeout=1):
+                    self.served = True
+                    self.failures.pop(idx, None)
+                continue
             process.kill()  # gone, or hung
             process.join()
             if self.should_exit.is_set():

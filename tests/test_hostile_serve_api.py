@@ -158,8 +158,10 @@ def test_state_dir_never_removes_files_it_did_not_make(tmp_path: Path) -> None:
     assert _fresh_state_dir(ServeSettings(state_dir=str(new))) == (str(new), False)
     (new / "counter_123.db").write_text("stale metrics")
     (new / "videos").mkdir()
+    (new / "videos" / "AAAAAAAAAAAAAAAA.json").write_text('{"status": "running"}')  # its process is gone
+    (new / "notes.txt").write_text("the operator's")
     _fresh_state_dir(ServeSettings(state_dir=str(new)))
-    assert sorted(p.name for p in new.iterdir()) == [STATE_MARKER, "videos"]
+    assert sorted(p.name for p in new.iterdir()) == [STATE_MARKER, "notes.txt"]
 
     a_file = tmp_path / "file"
     a_file.write_text("x")

@@ -57,6 +57,7 @@ from ferkit.serve.routes import STATIC_DIR, Admission, HeadAsGet, error, meta_su
 from ferkit.serve.security import APIKeys, RateLimiter, guard
 from ferkit.serve.settings import STATE_MARKER, ServeSettings
 from ferkit.serve.upload import MULTIPART_OVERHEAD, Rejected, UploadBudget, drain, one_line, reject_unknown_query
+from ferkit.serve.videos import JOBS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -268,8 +269,9 @@ def app_from_env() -> FastAPI:
     return create_app(ServeSettings.from_env())
 
 
-#: What the server writes in its state folder (prometheus-client's files, the rate limits), removed at start.
-STATE_FILES = ("*.db", "ratelimit.sqlite*")
+#: What the server writes in its state folder (prometheus-client's files, the rate limits, the video jobs' folder),
+#: removed at start.
+STATE_FILES = ("*.db", "ratelimit.sqlite*", JOBS_DIR)
 
 
 def _fresh_state_dir(s: ServeSettings) -> tuple[str, bool]:
@@ -296,8 +298,10 @@ def _fresh_state_dir(s: ServeSettings) -> tuple[str, bool]:
             (d / STATE_MARKER).write_text("ferkit serve's state: its files here are removed when it starts\n")
         for pattern in STATE_FILES:
             for f in d.glob(pattern):
-                if f.is_file() and not f.is_symlink():
+                if f.is_symlink() or f.is_file():
                     f.unlink()
+                else:
+                    shutil.rmtree(f)
     except (FileExistsError, NotADirectoryError):
         raise ConfigError(f"{flag} {d}: not a folder") from None
     except OSError as e:

@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{16}$")
+#: The jobs' folder in the state directory (emptied when the server starts: no job outlives its worker process).
+JOBS_DIR = "videos"
 #: Live-mode sessions kept per process, and how long an idle one is kept (seconds).
 MAX_SESSIONS, SESSION_IDLE_S = 32, 60.0
 #: How often a running job writes its progress (seconds).
@@ -71,7 +73,7 @@ def _jobs_dir(state: Any) -> Path:
     if d is None:
         base = state.settings.state_dir or os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(
             prefix="ferkit-videos-")
-        d = Path(base) / "videos"
+        d = Path(base) / JOBS_DIR
         d.mkdir(parents=True, exist_ok=True)
         state.video_dir = d
         state.video_pool = ThreadPoolExecutor(1, thread_name_prefix="ferkit-video")

@@ -18,6 +18,20 @@ from ferkit.errors import ConfigError, FerkitError
 
 log = logging.getLogger("ferkit")
 
+
+def finite_float(text: str) -> float:
+    """argparse type of every numeric option: a finite number (``nan``, ``inf`` are refused, exit 2)."""
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a finite number")
+    return v
+
+
 TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--data", dict(help="dataset root (train/, validation/ …), a split folder or fer2013.csv")),
     (
@@ -28,7 +42,7 @@ TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--model", dict(help="architecture: see 'ferkit models --arch'; timm/<name> for timm backbones")),
     ("--epochs", dict(type=int)),
     ("--batch-size", dict(type=int)),
-    ("--lr", dict(type=float)),
+    ("--lr", dict(type=finite_float)),
     ("--out", dict(help="run directory (default runs/<model>-<time>)")),
     ("--device", dict(choices=["auto", "cpu", "cuda"])),
     ("--devices", dict(type=int, help="processes/GPUs per machine (DDP through Lightning Fabric)")),
@@ -75,6 +89,7 @@ EXIT_CODES = """exit status (every command):
   2    the command was refused before doing any work: a bad command line, an unknown name, or a model,
        data set, config, device or output folder that cannot be used
   130  interrupted (Ctrl-C)
+  143  stopped by SIGTERM (kill, a service manager): files being written are removed, finished ones kept
   141  the output pipe was closed early (e.g. ferkit predict ... | head -1): stops quietly, like Unix tools"""
 
 
@@ -92,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("distill", help="train a small student on teacher models' soft labels")
     d.add_argument("--teacher", required=True, help="teacher model(s): name, run dir or file; comma-separated")
     d.add_argument("--student", default=None, help="student architecture (default fastcnn)")
-    d.add_argument("--alpha", type=float, default=None, help="weight of the soft-label loss (default 0.7)")
-    d.add_argument("--temperature", type=float, default=None, help="distillation temperature (default 4)")
+    d.add_argument("--alpha", type=finite_float, default=None, help="weight of the soft-label loss (default 0.7)")
+    d.add_argument("--temperature", type=finite_float, default=None, help="distillation temperature (default 4)")
     d.add_argument("--views", type=int, default=None, metavar="K",
                    help="label K augmented views of every training face with the teachers once, store them in the "
                         "run directory and train on those (the teachers are then not paid at every step; "
@@ -108,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tta", default="none", choices=["none", "flip", "tencrop"])
     e.add_argument("--out", help="write metrics.json, confusion_matrix.png, reliability.png and coverage.png here")
     e.add_argument("--json", action="store_true", help="print one JSON object")
-    e.add_argument("--min-score", type=float, default=None, metavar="P",
+    e.add_argument("--min-score", type=finite_float, default=None, metavar="P",
                    help="also report coverage and accuracy on the faces whose top calibrated score is at least P")
     e.add_argument("--labels", help="also score against crowd votes (a votes CSV, a folder of them, or FER+'s "
                                     "fer2013new.csv with a fer2013.csv): FER+ majority accuracy, soft agreement, "
@@ -124,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-detect", action="store_true",
                     help="classify each whole image as one face (the only mode with faces the detector did not find)")
     pr.add_argument("--detector", default="yunet")
-    pr.add_argument("--min-det-score", type=float, default=None, metavar="S",
-                    help="drop faces whose detector confidence (det_score) is below S (0..1; YuNet keeps >= 0.6)")
+    pr.add_argument("--min-det-score", type=finite_float, default=None, metavar="S",
+                    help="drop faces whose detector confidence (det_score) is below S (0..1; YuNet keeps >= 0.65)")
     pr.add_argument("--detect-size", type=int, default=None, metavar="PX",
                     help="longest side of the image the face detector sees (default: 400 for ordinary photos, up to "
                          "1600 for large ones; larger finds smaller faces, slower)")
@@ -134,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"])
     pr.add_argument("--track", action="store_true", help="video: give each face a track ID and smoothed scores")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
-    pr.add_argument("--min-score", type=float, default=None, metavar="P",
+    pr.add_argument("--min-score", type=finite_float, default=None, metavar="P",
                     help="label a face 'uncertain' when its top calibrated score is below P (see ferkit models --card)")
 
     tk = sub.add_parser("track", help="follow each person through videos: per-frame CSV, per-track summary, timeline",
@@ -145,10 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     tk.add_argument("--every", type=int, default=1, help="use every Nth frame")
     tk.add_argument("--model", default="fer3")
     tk.add_argument("--save-video", action="store_true", help="also write an annotated MP4")
-    tk.add_argument("--smooth", type=float, default=None, metavar="SECONDS",
+    tk.add_argument("--smooth", type=finite_float, default=None, metavar="SECONDS",
                     help="time constant of the score smoothing (default 0.5)")
     tk.add_argument("--detector", default="yunet")
-    tk.add_argument("--min-det-score", type=float, default=None, metavar="S",
+    tk.add_argument("--min-det-score", type=finite_float, default=None, metavar="S",
                     help="drop faces whose detector confidence (det_score) is below S (0..1)")
     tk.add_argument("--detect-size", type=int, default=None, metavar="PX",
                     help="longest side of the frame the face detector sees (default as for predict)")
@@ -506,9 +521,15 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ferkit`` console script; returns the exit status (tests call it in-process)."""
+    _quiet_native_libraries()
     parser = build_parser()
     a = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="ferkit: %(message)s")
+    import warnings
+
+    shown = warnings.showwarning
+    warnings.showwarning = _log_warning  # Pillow's, numpy's … warnings: one "ferkit: ..." line each, via logging
+    restore = _stop_on_sigterm() if a.command != "serve" else None  # the server handles its own signals
     try:
         return COMMANDS[a.command](a)
     except KeyboardInterrupt:
@@ -517,6 +538,10 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    except Terminated:
+        print("ferkit: terminated (SIGTERM)" + ("; continue with --resume" if a.command in ("train", "distill")
+                                                else ""), file=sys.stderr)
+        return 143
     except BrokenPipeError:
         return _broken_pipe()
     except FerkitError as e:  # only ferkit's own errors are one line: any other exception is a bug, with traceback
@@ -530,11 +555,57 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # the environment: permissions, full disk, a vanished file
         _error(_os_error_message(e))
         return 1
+    finally:
+        warnings.showwarning = shown
+        if restore is not None:
+            restore()
+
+
+def _log_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                 line: str | None = None) -> None:
+    """``warnings.showwarning`` for the CLI: a library's warning as one log line on the ``py.warnings`` logger
+    (``ferkit: UserWarning: ...``; with ``--log-format json`` a JSON record like any other), not two raw lines on
+    stderr with a source path."""
+    text = " ".join(str(message).split())
+    logging.getLogger("py.warnings").warning("%s: %s", category.__name__, text)
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: raised in the main thread so that every ``finally`` and atomic writer cleans up (a
+    ``BaseException``, like ``KeyboardInterrupt``, so that no ``except Exception`` swallows it)."""
+
+
+def _stop_on_sigterm() -> Any:
+    """Turn SIGTERM into :class:`Terminated` while a command runs (Python's default is to die at once, leaving
+    temporary files behind: a hidden half-written MP4 after ``track --save-video``); returns the undo, or None where
+    signals cannot be set (not the main thread: in-process callers)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    old = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, old)
+
+
+def _quiet_native_libraries() -> None:
+    """OpenCV and FFmpeg print straight to stderr (not through Python): only their errors, and FFmpeg's not at all;
+    ferkit reports what matters in its own lines. Set before OpenCV loads; a user's own setting wins."""
+    import os
+
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 
 
 def _error(message: str) -> None:
+    from ferkit.fsutil import display
+
     try:
-        print(f"ferkit: error: {message}", file=sys.stderr)
+        print(f"ferkit: error: {display(message)}", file=sys.stderr)
     except (BrokenPipeError, OSError):  # stderr closed too: nothing left to tell
         pass
 

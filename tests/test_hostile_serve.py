@@ -174,7 +174,7 @@ def test_forwarded_for_is_not_trusted_by_default(server: tuple) -> None:
     base, _, log = server
     with httpx.Client() as c:
         codes = [c.get(base + "/v1/models", headers={"X-Forwarded-For": f"10.9.0.{i}"}).status_code for i in range(60)]
-    assert codes.count(429) >= 20 and set(codes) == {200, 429}, codes
+    assert codes.count(429) >= 10 and set(codes) == {200, 429}, codes
     time.sleep(0.3)
     text = log.read_text()
     assert "10.9.0." not in text and re.search(r"GET /v1/models 429 .* 127\.0\.0\.1", text)

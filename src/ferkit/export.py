@@ -37,7 +37,7 @@ require("torch", what="ONNX export")
 import torch  # noqa: E402  (after the check that names the extra)
 from torch import nn  # noqa: E402
 
-from ferkit.errors import DatasetError, ExportError  # noqa: E402, F401  (ExportError: re-exported)
+from ferkit.errors import DatasetError, ExportError, ModelFileError  # noqa: E402, F401  (ExportError: re-exported)
 from ferkit.fsutil import atomic_path  # noqa: E402
 from ferkit.modelfile import (  # noqa: E402
     META_KEY,
@@ -61,6 +61,31 @@ OUTPUT_NAME = ONNX_OUTPUT
 OUTPUT_KIND = ONNX_OUTPUT_KIND
 #: The largest max-abs difference in probability between PyTorch and ONNX Runtime that passes the parity check.
 PARITY_TOLERANCE = 1e-4
+
+
+def check_out(out: str | os.PathLike, specs: list[str] | str) -> Path:
+    """Refuse an output path that is one of the input models (``--out`` equal to ``--model`` would replace the model
+    being read) or that exists as anything but a regular file; before any work.
+
+    Raises:
+        OutputError: one line naming the path.
+    """
+    from ferkit.errors import OutputError
+    from ferkit.fsutil import check_target
+
+    target = Path(out)
+    for spec in [specs] if isinstance(specs, str) else specs:
+        try:
+            src = resolve_model_path(spec)
+        except ModelFileError:
+            continue  # loading it says what is wrong
+        same = target.resolve() == src.resolve()
+        with contextlib.suppress(OSError):
+            same = same or (target.exists() and os.path.samefile(target, src))
+        if same:
+            raise OutputError(f"--out {out}: is the input model {spec}; write the result to another file")
+    check_target(target)
+    return target
 
 
 class _WithSoftmax(nn.Module):
@@ -232,13 +257,14 @@ def export_onnx(model: str, out: str, *, data: str | None = None, opset: int = 1
         ImportError: onnx or onnxruntime are not installed.
     """
     ort = require("onnxruntime", "train", what="the ONNX parity check")
+    out_path = Path(out)
+    if out_path.suffix.lower() != ".onnx":
+        out_path = out_path.with_name(out_path.name + ".onnx")
+    check_out(out_path, model)
     path = resolve_model_path(model)
     net, meta = load_model(path, meta=read_meta(path))
     net = net.float().eval()
     wrapped = _WithSoftmax(net, meta).eval()
-    out_path = Path(out)
-    if out_path.suffix.lower() != ".onnx":
-        out_path = out_path.with_name(out_path.name + ".onnx")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     s = meta.input_size
     # Written under a temporary name and renamed only once the parity check passed: a failed export leaves nothing.
@@ -384,6 +410,7 @@ def export_int8(model: str, out: str, *, data: str | os.PathLike, opset: int = 1
     from ferkit.data import find_dataset, load_split
     from ferkit.preprocess import Preprocess
 
+    check_out(out, model)
     path = resolve_model_path(model)
     net, meta = load_model(path, meta=read_meta(path))
     pre = Preprocess.of(meta)
@@ -477,11 +504,11 @@ def pack_ensemble(specs: list[str], out: str, *, data: str | None = None, split:
     Raises:
         ModelFileError: fewer than two members, or members that disagree.
     """
-    from ferkit.errors import ModelFileError
     from ferkit.models.ensemble import Ensemble, ensemble_arch
 
     if len(specs) < 2:
         raise ModelFileError("an ensemble needs at least two models (--model a,b)")
+    check_out(out, specs)
     models = [load_model(s) for s in specs]
     first = models[0][1]
     for spec, (_, meta) in zip(specs[1:], models[1:]):
@@ -525,20 +552,25 @@ def _write_scored(out: str, net: torch.nn.Module, meta: ModelMeta, data: str | N
     from ferkit.train.calibrate import calibrate
 
     meta = dataclasses.replace(meta, temperature=1.0, temperature_poly=(), metrics={})
-    path = save_model(out, net, meta, json_sidecar=False, half=half)
-    if data and Path(data).exists():
-        z, y, _ = model_logits(str(path), data=data, split=split)
-        cal = calibrate(z, y, split=split)
-        meta = dataclasses.replace(meta, temperature=cal["temperature"],
-                                   temperature_poly=tuple(cal["temperature_poly"]))
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    # Calibrated and scored under a temporary name: only the finished file ever appears at ``out`` (an interrupted
+    # run left an uncalibrated, unscored model there).
+    with atomic_path(out_path) as path:
         save_model(path, net, meta, json_sidecar=False, half=half)
-        m = evaluate_models([str(path)], data=data, split=split, say=say)
-        flip = evaluate_models([str(path)], data=data, split=split, tta="flip")
-        meta = dataclasses.replace(meta, metrics={
-            "val_split": m["split"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
-            "accuracy_tta_flip": flip["accuracy"], "n": m["n"], "calibration": cal})
-        save_model(path, net, meta, json_sidecar=False, half=half)
-    return {"path": str(path), "arch": meta.arch, "metrics": meta.metrics}
+        if data and Path(data).exists():
+            z, y, _ = model_logits(str(path), data=data, split=split)
+            cal = calibrate(z, y, split=split)
+            meta = dataclasses.replace(meta, temperature=cal["temperature"],
+                                       temperature_poly=tuple(cal["temperature_poly"]))
+            save_model(path, net, meta, json_sidecar=False, half=half)
+            m = evaluate_models([str(path)], data=data, split=split, say=say)
+            flip = evaluate_models([str(path)], data=data, split=split, tta="flip")
+            meta = dataclasses.replace(meta, metrics={
+                "val_split": m["split"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+                "accuracy_tta_flip": flip["accuracy"], "n": m["n"], "calibration": cal})
+            save_model(path, net, meta, json_sidecar=False, half=half)
+    return {"path": str(out_path), "arch": meta.arch, "metrics": meta.metrics}
 
 
 def restrict_classes(spec: str, classes: list[str], out: str, *, data: str | None = None, split: str = "validation",
@@ -553,9 +585,9 @@ def restrict_classes(spec: str, classes: list[str], out: str, *, data: str | Non
     Raises:
         ModelFileError: a class the model does not have, or a network whose output layer cannot be found.
     """
-    from ferkit.errors import ModelFileError
     from ferkit.models.ensemble import ensemble_members, tta_inner
 
+    check_out(out, spec)
     net, meta = load_model(spec)
     missing = [c for c in classes if c not in meta.classes]
     if missing or len(classes) < 2:

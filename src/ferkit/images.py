@@ -3,9 +3,12 @@ reduced size when the caller does not need every pixel (:func:`read_image`)."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import logging
 import os
+import stat
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -43,6 +46,56 @@ def is_image_path(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
 
+def file_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be read as an input file, found without reading it (None when it can): missing, a folder,
+    a FIFO, device or socket (opening one can block forever: a FIFO nobody writes to), a symbolic link loop or a
+    broken link, unreadable, empty. The one check every input file passes before it is opened.
+    """
+    from ferkit.fsutil import file_kind
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"a broken symbolic link (to {os.readlink(path)}, which does not exist)"
+        return "no such file"
+    except PermissionError:
+        return "permission denied"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symbolic link loop (the link points back to itself)"
+        return f"cannot read the file ({(e.strerror or str(e)).lower()})"
+    if stat.S_ISDIR(st.st_mode):
+        return "is a folder, not an image"
+    if not stat.S_ISREG(st.st_mode):
+        stdin = os.fspath(path) in ("/dev/stdin", "/dev/fd/0", "/proc/self/fd/0")
+        return (f"is {file_kind(st.st_mode)}, not a regular file; skipped"
+                + ("; to read an image from standard input, give '-'" if stdin else ""))
+    if st.st_size == 0:
+        return "empty file (0 bytes)"
+    try:
+        with open(path, "rb"):  # tried here so that a permission problem is named as such, not as a bad image
+            pass
+    except PermissionError:
+        return "permission denied"
+    except OSError as e:
+        return f"cannot read the file ({(e.strerror or str(e)).lower()})"
+    return None
+
+
+def check_frame_pixels(im: Image.Image, name: str, max_pixels: int, frame: int | None = None) -> None:
+    """Refuse an opened image, or the frame/page it is on, over ``max_pixels``; before its pixels are decoded.
+
+    Raises:
+        ImageTooLargeError: one line with the size and the limit.
+    """
+    w, h = im.size
+    if w * h > max_pixels:
+        where = "" if frame is None else f"frame {frame + 1}: "
+        raise ImageTooLargeError(f"{name}: {where}image too large ({w}×{h} = {w * h:,} pixels; the limit is "
+                                 f"{max_pixels:,})")
+
+
 def _open(source: str | os.PathLike | bytes | bytearray, name: str, max_pixels: int,
           draft: Callable[[Image.Image], int] | None = None) -> tuple[Image.Image, int]:
     """Open and decode ``source``; ``(image, reduction)``. The pixel limit is checked on the size the header
@@ -52,21 +105,10 @@ def _open(source: str | os.PathLike | bytes | bytearray, name: str, max_pixels: 
             raise ImageError(f"{name}: empty data (0 bytes)")
         fp: object = io.BytesIO(source)
     else:
-        p = Path(source)
-        try:
-            if not p.exists():
-                raise ImageError(f"{name}: no such file")
-            if p.is_dir():
-                raise ImageError(f"{name}: is a folder, not an image")
-            if p.stat().st_size == 0:
-                raise ImageError(f"{name}: empty file (0 bytes)")
-            with p.open("rb"):  # tried here so that a permission problem is named as such, not as a bad image
-                pass
-            fp = p  # Pillow opens it again and closes it after decoding
-        except PermissionError:
-            raise ImageError(f"{name}: permission denied") from None
-        except OSError as e:
-            raise ImageError(f"{name}: cannot read the file ({(e.strerror or str(e)).lower()})") from None
+        why = file_problem(source)
+        if why:
+            raise ImageError(f"{name}: {why}")
+        fp = Path(source)  # Pillow opens it again and closes it after decoding
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -75,9 +117,8 @@ def _open(source: str | os.PathLike | bytes | bytearray, name: str, max_pixels: 
         raise ImageTooLargeError(f"{name}: image too large (over {max_pixels:,} pixels)") from None
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError … on bad data
         raise ImageError(f"{name}: cannot identify image file ({type(e).__name__})") from None
+    check_frame_pixels(im, name, max_pixels)
     w, h = im.size
-    if w * h > max_pixels:
-        raise ImageTooLargeError(f"{name}: image too large ({w}×{h} = {w * h:,} pixels; the limit is {max_pixels:,})")
     reduction = 1
     if draft is not None and im.format == "JPEG":
         k = draft(im)
@@ -115,6 +156,9 @@ def to_rgb_or_gray(im: Image.Image, name: str = "image") -> Image.Image:
         im = Image.fromarray(np.rint(a * scale).clip(0, 255).astype(np.uint8), "L")
     elif im.mode == "F":
         a = np.asarray(im, dtype=np.float64)
+        bad = int(a.size - np.isfinite(a).sum())
+        if bad:  # min/max would be NaN and the whole image black: refused, as NaN arrays are (_from_array)
+            raise ImageError(f"{name}: float image holds {bad:,} NaN or infinite pixel(s); cannot tell what they show")
         lo, hi = (a.min(), a.max()) if a.size else (0.0, 1.0)
         im = Image.fromarray(((a - lo) / max(hi - lo, 1e-9) * 255).astype(np.uint8), "L")
     elif im.mode == "1":
@@ -211,6 +255,8 @@ def read_image(source: str | os.PathLike | bytes | bytearray, *, name: str | Non
         im.seek(0)
     try:
         arr = np.asarray(to_rgb_or_gray(im, label))
+    except ImageError:
+        raise
     except Exception as e:
         raise ImageError(f"{label}: cannot decode image ({e})") from None
     if arr.ndim < 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
@@ -225,11 +271,51 @@ def read_image(source: str | os.PathLike | bytes | bytearray, *, name: str | Non
 
 
 def frame_count(im: Image.Image) -> int:
-    """Frames in an opened image (1 for stills; a damaged animation counts what can be found)."""
+    """Frames in an opened image (1 for stills; a damaged animation counts what can be found).
+
+    Every count is one the file's data backs: an APNG's header may declare any number (1,000,000 for a file of 2
+    frames), so its frames are counted by their frame-control chunks (:func:`_apng_frames`).
+    """
     try:
-        return int(getattr(im, "n_frames", 1) or 1)
+        n = int(getattr(im, "n_frames", 1) or 1)
     except Exception:  # n_frames seeks through the file; a truncated animation may fail part-way
         return 1
+    if n > 1 and im.format == "PNG":
+        n = min(n, _apng_frames(im))
+    return max(n, 1)
+
+
+def _apng_frames(im: Image.Image) -> int:
+    """Frames an APNG holds: its fcTL chunks, plus the default image when that is not one of them (as Pillow counts
+    it). Reads the 8-byte chunk headers only, skipping their data; the file position is restored."""
+    import struct
+
+    fp = getattr(im, "fp", None) or getattr(im, "_fp", None)  # Pillow keeps an APNG's file as _fp once loaded
+    if fp is None:
+        return 1
+    try:
+        pos = fp.tell()
+    except (OSError, ValueError):
+        return 1
+    controls = 0
+    try:
+        fp.seek(8)  # the PNG signature
+        while True:
+            head = fp.read(8)
+            if len(head) < 8:
+                break
+            length, kind = struct.unpack(">I4s", head)
+            if kind == b"fcTL":
+                controls += 1
+            elif kind == b"IEND":
+                break
+            fp.seek(length + 4, os.SEEK_CUR)  # data and CRC
+    except (OSError, ValueError, struct.error):
+        pass
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            fp.seek(pos)
+    return controls + (1 if getattr(im, "default_image", False) else 0)
 
 
 def iter_frames(path: str | os.PathLike, *, name: str | None = None,
@@ -246,9 +332,12 @@ def iter_frames(path: str | os.PathLike, *, name: str | None = None,
     for i in range(n):
         try:
             im.seek(i)
+            check_frame_pixels(im, label, max_pixels, i)  # every page of a TIFF has its own size
             arr = np.asarray(to_rgb_or_gray(im.copy() if n > 1 else im, label))
         except EOFError:
             return
+        except ImageError:
+            raise
         except Exception as e:
             raise ImageError(f"{label}: frame {i} of {n} cannot be decoded ({e})") from None
         yield i, np.ascontiguousarray(arr)

@@ -50,16 +50,104 @@ class ModelMeta:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelMeta:
+    def from_dict(cls, d: Any) -> ModelMeta:
+        """Metadata as stored (parsed JSON) → ``ModelMeta``, every field checked against :data:`META_BOUNDS`.
+
+        This is the one gate stored metadata passes through (model files, ONNX graphs): whatever it lets by is
+        usable, so no later stage divides by a ``std`` of 0 or allocates a 100000-pixel input.
+
+        Raises:
+            ValueError: one phrase saying which field is wrong and why (callers prefix the file's name).
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"the metadata is a JSON {_json_type(d)}, not an object")
+        for key in ("arch", "classes"):
+            if key not in d:
+                raise ValueError(f"'{key}' is missing")
         known = {f for f in cls.__dataclass_fields__}
         kw = {k: v for k, v in d.items() if k in known}
-        kw["classes"] = tuple(kw.get("classes", ()))
-        kw["temperature_poly"] = tuple(float(c) for c in kw.get("temperature_poly", ()))
+        kw["arch"] = _check_arch(kw["arch"])
+        kw["classes"] = _check_classes(kw["classes"])
+        for key, (lo, hi) in META_BOUNDS.items():
+            if key in kw:
+                kw[key] = _check_number(key, kw[key], lo, hi, integer=key in ("input_size", "in_chans"))
+        if kw.get("in_chans", 1) not in (1, 3):
+            raise ValueError(f"in_chans {kw['in_chans']}: 1 (gray) or 3 (RGB)")
+        poly = kw.get("temperature_poly", ())
+        if not isinstance(poly, (list, tuple)) or len(poly) > MAX_TEMPERATURE_POLY:
+            raise ValueError(f"temperature_poly: a list of at most {MAX_TEMPERATURE_POLY} numbers")
+        kw["temperature_poly"] = tuple(_check_number("temperature_poly", c, -1e3, 1e3) for c in poly)
+        for key, kind in (("name", str), ("format", str), ("training", dict), ("metrics", dict)):
+            if key in kw and not isinstance(kw[key], kind):
+                raise ValueError(f"'{key}' is a JSON {_json_type(kw[key])}, expected {_json_type(kind())}")
+        if not kw.get("format", FORMAT).startswith("ferkit-model/"):
+            raise ValueError(f"format '{kw['format'][:40]}' is not a ferkit model format")
         return cls(**kw)
 
 
 #: Bounds of a calibration temperature: ends beyond these mean a fit went wrong, not a model that needs them.
 TEMPERATURE_RANGE = (0.05, 20.0)
+#: What stored metadata may say (inclusive bounds); anything else is refused when the file is read. input_size: 48
+#: for ferkit's networks, 224-384 for timm backbones; 100000 would allocate 80 GB for a batch. std: the input is
+#: divided by it (0 crashed server workers). temperature: softmax(z / T); the bundled fer3 stores 0.03 with a
+#: polynomial that multiplies it back into TEMPERATURE_RANGE; 0 or NaN gave NaN scores.
+META_BOUNDS: dict[str, tuple[float, float]] = {
+    "input_size": (8, 1024), "in_chans": (1, 3), "mean": (-1e3, 1e3), "std": (1e-3, 1e3),
+    "temperature": (1e-3, 1e3),
+}
+MAX_TEMPERATURE_POLY = 8
+MAX_CLASSES = 1000
+#: An architecture string's length and nesting (``views[..](ensemble(flip(a),b))`` nests 3): the builder recurses once
+#: per level, and 2000 levels raised RecursionError.
+MAX_ARCH_LENGTH, MAX_ARCH_DEPTH = 2000, 8
+_ARCH_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-./+,()[] ")
+
+
+def _json_type(v: Any) -> str:
+    return {dict: "object", list: "list", tuple: "list", str: "string", bool: "boolean", int: "number",
+            float: "number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _check_number(key: str, v: Any, lo: float, hi: float, *, integer: bool = False) -> Any:
+    import math
+
+    ok = isinstance(v, int) if integer else isinstance(v, (int, float))
+    if not ok or isinstance(v, bool):
+        raise ValueError(f"{key} {json.dumps(v)[:40]}: expected {'an integer' if integer else 'a number'}")
+    if not (math.isfinite(v) and lo <= v <= hi):
+        raise ValueError(f"{key} {v!r}: outside {lo:g}..{hi:g}")
+    return v if integer else float(v)
+
+
+def _check_arch(arch: Any) -> str:
+    if not isinstance(arch, str) or not arch.strip():
+        raise ValueError(f"arch {json.dumps(arch)[:40]}: expected an architecture name")
+    if len(arch) > MAX_ARCH_LENGTH:
+        raise ValueError(f"arch is {len(arch):,} characters long (at most {MAX_ARCH_LENGTH:,})")
+    bad = sorted(set(arch) - _ARCH_CHARS)
+    if bad:
+        raise ValueError(f"arch '{arch[:40]}' holds characters an architecture name has not ({ascii(bad[0])})")
+    depth = deepest = 0
+    for ch in arch:
+        depth += (ch in "([") - (ch in ")]")
+        deepest = max(deepest, depth)
+        if depth < 0:
+            break
+    if depth != 0:
+        raise ValueError(f"arch '{arch[:40]}': unbalanced brackets")
+    if deepest > MAX_ARCH_DEPTH:
+        raise ValueError(f"arch '{arch[:40]}…' nests {deepest} levels deep (at most {MAX_ARCH_DEPTH})")
+    return arch
+
+
+def _check_classes(classes: Any) -> tuple[str, ...]:
+    if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) and 0 < len(c) <= 100 for c in classes):
+        raise ValueError("classes: expected a list of class names (strings of 1-100 characters)")
+    if not 2 <= len(classes) <= MAX_CLASSES:
+        raise ValueError(f"classes: {len(classes)} names; a model has 2..{MAX_CLASSES}")
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"classes: a name appears twice ({', '.join(classes)[:80]})")
+    return tuple(classes)
 
 
 def calibrated_probs(logits: torch.Tensor, meta: ModelMeta) -> torch.Tensor:
@@ -108,15 +196,14 @@ def save_model(path: str | os.PathLike, net: nn.Module, meta: ModelMeta, *, json
     ``half``: store the weight tensors as float16 (:func:`stored_state`)."""
     from safetensors.torch import save_file
 
+    from ferkit.fsutil import atomic_path, atomic_write_text
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = stored_state(net.state_dict(), half=half)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={META_KEY: meta.to_json(), "format": FORMAT})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={META_KEY: meta.to_json(), "format": FORMAT})
     if json_sidecar:
-        from ferkit.fsutil import atomic_write_text
-
         atomic_write_text(path.with_suffix(".json"), json.dumps(json.loads(meta.to_json()), indent=2) + "\n")
     return path
 
@@ -213,15 +300,76 @@ def read_meta(path: str | os.PathLike) -> ModelMeta:
     Raises:
         ModelFileError: not a safetensors file, or one without ferkit metadata.
     """
-    md = _header(path).get("__metadata__") or {}
+    header = _header(path)
+    md = header.get("__metadata__") or {}
     if not isinstance(md, dict):
         raise ModelFileError(f"{path}: not a ferkit model file (cannot read it as safetensors)")
     if META_KEY not in md:
         raise ModelFileError(f"{path}: safetensors file without ferkit metadata (not a ferkit model file)")
+    meta = parse_meta(md[META_KEY], path)
+    _check_tensor_table(header, path)
+    return meta
+
+
+def parse_meta(text: Any, label: str | os.PathLike) -> ModelMeta:
+    """Stored metadata (the JSON text of a model file or an ONNX graph) → a checked ``ModelMeta``.
+
+    Raises:
+        ModelFileError: not JSON, or a field out of bounds (see :meth:`ModelMeta.from_dict`): one line.
+    """
     try:
-        return ModelMeta.from_dict(json.loads(md[META_KEY]))
+        return ModelMeta.from_dict(json.loads(text))
+    except RecursionError:  # json.loads of "[[[[…" thousands deep
+        raise ModelFileError(f"{label}: damaged ferkit metadata (nested too deeply)") from None
     except (ValueError, TypeError) as e:
-        raise ModelFileError(f"{path}: damaged ferkit metadata ({e})") from None
+        raise ModelFileError(f"{label}: damaged ferkit metadata ({str(e)[:200]})") from None
+
+
+#: Bytes per element of the safetensors dtypes.
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+
+
+def _check_tensor_table(header: dict[str, Any], path: str | os.PathLike) -> None:
+    """The header's tensors against the file: known dtypes, sizes that match their shapes, data inside the file.
+
+    Raises:
+        ModelFileError: a truncated or inconsistent file (safetensors itself would raise a bare error on load).
+    """
+    p = resolve_model_path(path)
+    try:
+        size = p.stat().st_size
+        with open(p, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+    except OSError as e:
+        raise ModelFileError(f"{path}: cannot read the model file ({e.strerror or e})") from None
+    end = 0
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (lo, hi) = t["dtype"], t["shape"], t["data_offsets"]
+            count = 1
+            for k in shape:
+                if not isinstance(k, int) or k < 0:
+                    raise ValueError
+                count *= k
+            ok = dtype in _DTYPE_BYTES and 0 <= lo <= hi and hi - lo == count * _DTYPE_BYTES[dtype]
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ModelFileError(f"{path}: damaged weights table (tensor '{str(name)[:60]}' is described "
+                                 "inconsistently)")
+        end = max(end, hi)
+    if 8 + n + end > size:
+        raise ModelFileError(f"{path}: weights data truncated (the file holds {size:,} bytes; its header describes "
+                             f"{8 + n + end:,})")
+
+
+def tensor_dtypes(path: str | os.PathLike) -> dict[str, str]:
+    """Tensor name → stored dtype (``F32``, ``F16``, ``I64`` …), from the header."""
+    return {k: v["dtype"] for k, v in _header(path).items() if k != "__metadata__" and isinstance(v, dict)}
 
 
 def load_model(path_or_name: str | os.PathLike, *, device: str = "cpu",
@@ -241,7 +389,7 @@ def load_model(path_or_name: str | os.PathLike, *, device: str = "cpu",
     """
     from ferkit._extras import require
 
-    require("torch", what="loading a model into PyTorch")
+    torch = require("torch", what="loading a model into PyTorch")
     from safetensors.torch import load_file
 
     from ferkit.models import create_model
@@ -254,7 +402,17 @@ def load_model(path_or_name: str | os.PathLike, *, device: str = "cpu",
         net = create_model(meta.arch, num_classes=len(meta.classes), in_chans=meta.in_chans)
     except (ValueError, ImportError) as e:
         raise ModelFileError(f"{path_or_name}: cannot build architecture '{meta.arch}': {e}") from None
-    state = load_file(str(p), device=device)
+    try:
+        state = load_file(str(p), device=device)
+    except Exception as e:  # noqa: BLE001  (safetensors raises its own SafetensorError on damaged data)
+        raise ModelFileError(f"{path_or_name}: damaged weights ({str(e).strip()[:200]})") from None
+    expected = net.state_dict()
+    for k, v in state.items():  # integer data in a float parameter would be cast, not refused: garbage scores
+        if k in expected and expected[k].is_floating_point() and not v.is_floating_point():
+            raise ModelFileError(f"{path_or_name}: tensor '{k}' is stored as {v.dtype} where the network has "
+                                 "floating-point weights (damaged or tampered file)")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise ModelFileError(f"{path_or_name}: tensor '{k}' holds NaN or infinite values")
     try:
         net.load_state_dict(state)
     except RuntimeError as e:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from ferkit.errors import FerkitError, OutputError
+from ferkit.fsutil import check_output_dir, display
 from ferkit.infer.sinks import FORMATS, Writer, plan_annotated, save_annotated_image
 from ferkit.infer.sources import (VIDEO_SUFFIXES, Unit, batches, expand_inputs, is_video, progress_enabled, read_units,
                                   read_video, video_fps)
@@ -74,6 +76,12 @@ def run_predict(inputs: list[str], *, model: str = "fer3", fmt: str = "table", s
         return fail(f"--batch-size must be at least 1, got {batch_size}", 2)
     if not inputs:
         return fail("no inputs given (image files, folders or videos)", 2)
+    out_dir = Path(save_annotated) if save_annotated else None
+    if out_dir is not None:
+        try:
+            check_output_dir(out_dir)  # a file, a read-only folder …: refused before any work
+        except OutputError as e:
+            return fail(str(e), e.exit_code)
 
     from ferkit.infer.recognizer import Recognizer
 
@@ -85,7 +93,6 @@ def run_predict(inputs: list[str], *, model: str = "fer3", fmt: str = "table", s
     except ImportError as e:
         return fail(str(e))
 
-    out_dir = Path(save_annotated) if save_annotated else None
     jobs = list(expand_inputs(inputs))  # listing folders up front lets the table size its file column
     if out_dir is not None:
         try:
@@ -108,6 +115,8 @@ def run_predict(inputs: list[str], *, model: str = "fer3", fmt: str = "table", s
                     try:
                         save_annotated_image(r.plot(), u, out_dir)
                         saved += 1
+                    except OutputError as e:
+                        status = fail(str(e))
                     except OSError as e:
                         status = fail(f"{out_dir}: cannot write the annotated copy of {u.file} "
                                       f"({e.strerror.lower() if e.strerror else e})")
@@ -124,7 +133,7 @@ def _error_printer(err: TextIO) -> Callable[..., int]:
     """``fail(message, code=1)``: print ``ferkit: error: message`` on ``err`` and return ``code``."""
 
     def fail(message: str, code: int = 1) -> int:
-        err.write(f"ferkit: error: {message}\n")
+        err.write(f"ferkit: error: {display(message)}\n")
         err.flush()
         return code
 
@@ -192,15 +201,16 @@ def run_track(inputs: list[str], *, out_dir: str = ".", model: str = "fer3", eve
     tau = SMOOTH_SECONDS if smooth is None else smooth
     if every < 1:
         return fail(f"--every must be at least 1, got {every}", 2)
-    if tau < 0:
-        return fail(f"--smooth must be at least 0 seconds, got {tau}", 2)
+    if not (math.isfinite(tau) and tau >= 0):  # NaN passes a "< 0" test, and went into the CSV and JSON
+        return fail(f"--smooth must be a number of seconds, 0 or more, got {tau}", 2)
     if not inputs:
         return fail("no inputs given (videos or folders of frames)", 2)
     dest = Path(out_dir)
-    try:
-        dest.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        return fail(f"{out_dir}: cannot create the output folder ({e.strerror or e})", 2)
+    try:  # everything about the outputs is checked before any work: the folder, then every file each input gets
+        check_output_dir(dest)
+        plan = _track_outputs(inputs, dest)
+    except OutputError as e:
+        return fail(str(e), e.exit_code)
     try:
         rec = Recognizer(model, backend=backend, detector=detector, min_det_score=min_det_score,
                          detect_size=detect_size)
@@ -209,17 +219,10 @@ def run_track(inputs: list[str], *, out_dir: str = ".", model: str = "fer3", eve
     except ImportError as e:
         return fail(str(e))
 
-    given = {Path(i).resolve() for i in inputs}
-    used: set[str] = set()
     progress = progress_enabled(quiet)
     status = 0
-    for inp in inputs:
+    for inp, name, targets in plan:
         p = Path(inp)
-        name = p.name if p.is_dir() else p.stem
-        base, k = name or "video", 2
-        while name in used:  # two inputs with one name (a/clip.mp4, b/clip.mp4) must not overwrite each other
-            name, k = f"{base}-{k}", k + 1
-        used.add(name)
         try:
             if p.is_dir():
                 units, fps = read_frame_folder(p, every, progress=progress), DEFAULT_FOLDER_FPS
@@ -230,11 +233,7 @@ def run_track(inputs: list[str], *, out_dir: str = ".", model: str = "fer3", eve
                 cap, info = open_video(inp)
                 cap.release()
                 units, fps, declared = read_video(inp, None, every, progress=progress), info.fps, info.frames
-            targets = {s: dest / f"{name}.{s}" for s in ("frames.csv", "tracks.json", "timeline.png", "tracked.mp4")}
-            for t in targets.values():
-                if t.resolve() in given:
-                    raise OutputError(f"{t}: would overwrite an input; choose another --out")
-            report = VideoReport(rec.classes, file=inp, fps=fps, declared_frames=declared, every=every,
+            report = VideoReport(rec.classes, file=display(inp), fps=fps, declared_frames=declared, every=every,
                                  model=model, smoothing_seconds=tau, lost_seconds=LOST_SECONDS)
             sink = VideoSink(targets["tracked.mp4"], fps / every if fps > 0 else 0.0) if save_video else None
             try:
@@ -269,7 +268,41 @@ def run_track(inputs: list[str], *, out_dir: str = ".", model: str = "fer3", eve
             continue
         labels = ", ".join(f"#{t['track']} {t['label']} {t['share'][t['label']]:.0%} of {t['seconds_visible']:.1f}s"
                            for t in summary["tracks"]) or "no face tracked"
-        out.write(f"{inp}: {summary['frames_processed']} frames, {len(summary['tracks'])} tracks ({labels}) -> "
-                  f"{dest / name}.*\n")
+        out.write(f"{display(inp)}: {summary['frames_processed']} frames, {len(summary['tracks'])} tracks ({labels}) "
+                  f"-> {display(dest / name)}.*\n")
         out.flush()
     return status
+
+
+def _track_outputs(inputs: list[str], dest: Path) -> list[tuple[str, str, dict[str, Path]]]:
+    """``(input, NAME, {suffix: path})`` per input of ``ferkit track``: names made distinct (``a/clip.mp4`` and
+    ``b/clip.mp4`` → ``clip``, ``clip-2``), every target checked before any work.
+
+    Raises:
+        OutputError: a target would replace an input, or exists as a folder, FIFO, device …
+    """
+    from ferkit.fsutil import check_target
+    from ferkit.infer.sources import TRACK_OUTPUTS
+
+    given = set()
+    for i in inputs:
+        try:
+            given.add(Path(i).resolve())
+        except OSError:  # a symbolic link loop: reading it says so
+            pass
+    used: set[str] = set()
+    plan = []
+    for inp in inputs:
+        p = Path(inp)
+        name = p.name if p.is_dir() else p.stem
+        base, k = name or "video", 2
+        while name in used:  # two inputs with one name (a/clip.mp4, b/clip.mp4) must not overwrite each other
+            name, k = f"{base}-{k}", k + 1
+        used.add(name)
+        targets = {s: dest / f"{name}.{s}" for s in TRACK_OUTPUTS}
+        for t in targets.values():
+            if t.resolve() in given:
+                raise OutputError(f"{display(t)}: would overwrite an input; choose another --out")
+            check_target(t)
+        plan.append((inp, name, targets))
+    return plan

@@ -239,7 +239,7 @@ def run_explain(inputs: list[str], out_dir: str, *, model: str = "fer3", detecto
     """
     import sys
 
-    from ferkit.fsutil import atomic_write_bytes
+    from ferkit.fsutil import atomic_write_bytes, check_output_dir, display
     from ferkit.infer.recognizer import Recognizer
     from ferkit.infer.sources import expand_inputs
 
@@ -247,11 +247,12 @@ def run_explain(inputs: list[str], out_dir: str, *, model: str = "fer3", detecto
     err = err if err is not None else sys.stderr
 
     def fail(message: str, code: int = 1) -> int:
-        err.write(f"ferkit: error: {message}\n")
+        err.write(f"ferkit: error: {display(message)}\n")
         err.flush()
         return code
 
     try:
+        check_output_dir(out_dir)  # a file, a read-only folder …: refused before any work
         _torch()
         rec = Recognizer(model, backend=backend, detector="whole" if no_detect else detector)
         if target is not None and target not in rec.classes:

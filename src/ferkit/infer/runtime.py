@@ -19,7 +19,6 @@ other work, spinning threads of torch and of YuNet's OpenMP runtime starve each 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -160,9 +159,7 @@ class OnnxRuntime:
         self, model: str | os.PathLike | bytes, meta: ModelMeta | None = None, *, threads: int | None = None
     ) -> None:
         ort = _import_onnxruntime()
-        from ferkit.modelfile import ModelMeta
-
-        from ferkit.modelfile import ONNX_OUTPUT, ONNX_OUTPUT_KIND
+        from ferkit.modelfile import ONNX_OUTPUT, ONNX_OUTPUT_KIND, parse_meta
 
         label = "in-memory ONNX model" if isinstance(model, bytes) else str(model)
         so = ort.SessionOptions()
@@ -186,13 +183,11 @@ class OnnxRuntime:
         if meta is None:
             if "ferkit" not in props:
                 raise ModelFileError(f"{label}: ONNX file without ferkit metadata (export it with 'ferkit export')")
-            try:
-                meta = ModelMeta.from_dict(json.loads(props["ferkit"]))
-            except (ValueError, TypeError) as e:
-                raise ModelFileError(f"{label}: damaged ferkit metadata in the ONNX file ({e})") from None
+            meta = parse_meta(props["ferkit"], f"{label} (ONNX metadata)")
         self.meta = meta
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
+        _check_graph(self.session, meta, label)
         self.is_probs = (
             props.get("output", ONNX_OUTPUT_KIND if self.output_name == ONNX_OUTPUT else "") == ONNX_OUTPUT_KIND
         )
@@ -203,6 +198,50 @@ class OnnxRuntime:
             return np.zeros((0, len(self.meta.classes)), np.float32)
         out = self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
         return out if self.is_probs else softmax(out)
+
+
+def _check_graph(session: Any, meta: ModelMeta, label: str) -> None:
+    """The graph's declared input and output shapes against the metadata (symbolic dimensions pass).
+
+    Raises:
+        ModelFileError: the metadata's input size or channels, or its number of classes, differ from the graph's.
+    """
+    ins, outs = session.get_inputs(), session.get_outputs()
+    shape = list(ins[0].shape) if len(ins) == 1 else None
+    want = [meta.in_chans, meta.input_size, meta.input_size]
+    if shape is None or len(shape) != 4 or any(isinstance(g, int) and g != w for g, w in zip(shape[1:], want)):
+        got = "several inputs" if shape is None else "×".join(str(g) for g in shape)
+        raise ModelFileError(f"{label}: the metadata says the input is N×{meta.in_chans}×{meta.input_size}×"
+                             f"{meta.input_size}, the graph takes {got}")
+    out = list(outs[0].shape) if outs else []
+    if len(out) != 2 or (isinstance(out[1], int) and out[1] != len(meta.classes)):
+        got = "×".join(str(g) for g in out) or "nothing"
+        raise ModelFileError(f"{label}: the metadata names {len(meta.classes)} classes, the graph outputs {got}")
+
+
+def check_runtime(rt: Runtime, label: str) -> None:
+    """One forward pass on a blank face, checked: ``len(classes)`` finite probabilities that sum to 1.
+
+    Catches what no declared shape shows (a symbolic output dimension, weights that turn everything into NaN) when
+    the model loads, rather than as NaN scores in the results. A millisecond for ferkit's networks.
+
+    Raises:
+        ModelFileError: one line naming the model and what came out.
+    """
+    from ferkit.preprocess import Preprocess
+
+    s = rt.meta.input_size
+    try:
+        p = np.asarray(rt.probs(Preprocess.of(rt.meta).numpy(np.full((1, s, s), 128, np.uint8))))
+    except Exception as e:  # noqa: BLE001  (onnxruntime and torch raise their own classes on a bad graph)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelFileError(f"{label}: the model cannot run on a {s}×{s} face ({first[:200]})") from None
+    if p.shape != (1, len(rt.meta.classes)):
+        raise ModelFileError(f"{label}: the model outputs {p.shape[-1] if p.ndim else 0} scores for "
+                             f"{len(rt.meta.classes)} class names")
+    if not (np.isfinite(p).all() and abs(float(p.sum()) - 1.0) < 1e-3):
+        raise ModelFileError(f"{label}: the model gives scores that are not probabilities (NaN, infinite or not "
+                             "summing to 1): damaged weights or calibration")
 
 
 def _import_onnxruntime() -> Any:
@@ -236,7 +275,15 @@ def make_runtime(model: str | os.PathLike, backend: str = "auto", *, device: str
         UnknownNameError: unknown backend.
         ConfigError: an ONNX model with a CUDA device / the torch backend.
         DeviceError: ``device`` is not on this machine.
+        ModelFileError: also when the model's metadata does not fit its weights or graph, or it gives no valid
+            probabilities on a blank face (:func:`check_runtime`).
     """
+    rt = _make_runtime(model, backend, device=device)
+    check_runtime(rt, str(model))
+    return rt
+
+
+def _make_runtime(model: str | os.PathLike, backend: str, *, device: str) -> Runtime:
     prefer_passive_openmp()
     from ferkit.modelfile import read_meta, resolve_model_path
 

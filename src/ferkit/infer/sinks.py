@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import logging
+import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -108,6 +111,7 @@ def plan_annotated(jobs: list[tuple[str, Path, str | None]], out_dir: Path) -> l
         OutputError: ``out_dir`` would overwrite an input (e.g. it is the input folder itself).
     """
     from ferkit.errors import OutputError
+    from ferkit.fsutil import check_target
     from ferkit.infer.sources import is_video
 
     inputs = set()
@@ -119,6 +123,15 @@ def plan_annotated(jobs: list[tuple[str, Path, str | None]], out_dir: Path) -> l
                 pass
     used: set[Path] = set()
     given: dict[Path, Path] = {}  # one input named twice (a folder and a file in it) keeps one copy
+    # A video's frames are saved as NAME_fNNNNNN.jpg beside it: an image of such a name gets a -2 suffix, else one
+    # of the two copies would replace the other ("2 written", one kept).
+    frame_names = {(rel.parent, rel.stem.lower()) for file, rel, error in jobs
+                   if error is None and is_video(Path(file))}
+
+    def is_frame_name(p: Path) -> bool:
+        m = _FRAME_NAME.fullmatch(p.name)
+        return m is not None and (p.parent, m.group(1).lower()) in frame_names
+
     out = []
     for file, rel, error in jobs:
         try:
@@ -128,9 +141,10 @@ def plan_annotated(jobs: list[tuple[str, Path, str | None]], out_dir: Path) -> l
         if error is None and key in given:
             out.append((file, given[key], error))
             continue
-        target = _annotated_rel(rel, is_video(Path(file)))
+        video = is_video(Path(file))
+        target = _annotated_rel(rel, video)
         stem, k = target, 2
-        while target in used:
+        while target in used or (not video and is_frame_name(target)):
             target = stem.with_name(f"{stem.stem}-{k}{stem.suffix}")
             k += 1
         used.add(target)
@@ -138,8 +152,14 @@ def plan_annotated(jobs: list[tuple[str, Path, str | None]], out_dir: Path) -> l
             given[key] = target
         if error is None and (out_dir / target).resolve() in inputs:
             raise OutputError(f"--save-annotated {out_dir}: would overwrite the input {file}; choose another folder")
+        if error is None and not video:
+            check_target(out_dir / target)  # a folder (or FIFO …) where the copy goes: refused before any work
         out.append((file, target, error))
     return out
+
+
+#: The name a video's annotated frame is saved under: ``NAME_fNNNNNN.jpg`` (see :func:`save_annotated_image`).
+_FRAME_NAME = re.compile(r"(.+)_f\d{6}\.jpg", re.IGNORECASE)
 
 
 def save_annotated_image(plot: np.ndarray, unit: Unit, out_dir: Path) -> Path:
@@ -165,8 +185,13 @@ def save_annotated_image(plot: np.ndarray, unit: Unit, out_dir: Path) -> Path:
 
 
 class VideoSink:
-    """Writes annotated frames to an MP4 (``mp4v``) under a temporary name; :meth:`close` renames it into place,
-    :meth:`abort` removes it."""
+    """Writes annotated frames to an MP4 (``mp4v``) under a temporary name; :meth:`close` checks the file and renames
+    it into place, :meth:`abort` removes it.
+
+    OpenCV's writer reports no failed write (on a full disk it went on, printed 146 warning lines and left a truncated,
+    unplayable file, which was then renamed over a good one): :meth:`close` therefore opens the finished file again
+    and renames it only when it holds every frame written; OpenCV's own messages are silenced while it writes.
+    """
 
     def __init__(self, path: str | Path, fps: float) -> None:
         import contextlib
@@ -177,29 +202,91 @@ class VideoSink:
         self._ctx: contextlib.AbstractContextManager[Path] = atomic_path(self.path)
         self._tmp = self._ctx.__enter__()
         self._vw: Any = None
+        self.frames = 0
 
     def write(self, rgb: np.ndarray) -> None:
         """Append one RGB frame (the first one fixes the video's size)."""
         import cv2
 
-        if self._vw is None:
-            h, w = rgb.shape[:2]
-            self._vw = cv2.VideoWriter(str(self._tmp), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (w, h))
-            if not self._vw.isOpened():
-                raise OSError(f"{self.path}: OpenCV cannot write an MP4 video here")
-        self._vw.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR) if rgb.ndim == 3 else cv2.cvtColor(rgb,
-                                                                                                cv2.COLOR_GRAY2BGR))
+        with _quiet_opencv():
+            if self._vw is None:
+                h, w = rgb.shape[:2]
+                self._vw = cv2.VideoWriter(str(self._tmp), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (w, h))
+                if not self._vw.isOpened():
+                    raise OSError(errno.EIO, f"{self.path}: OpenCV cannot write an MP4 video here")
+            self._vw.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR) if rgb.ndim == 3
+                           else cv2.cvtColor(rgb, cv2.COLOR_GRAY2BGR))
+        self.frames += 1
 
     def close(self) -> None:
-        if self._vw is not None:
-            self._vw.release()
+        """Finish the file, check it (:meth:`check`) and rename it into place.
+
+        Raises:
+            OSError: the file is incomplete (one line; the temporary file is removed, ``path`` left as it was).
+        """
+        try:
+            self._release()
+            self.check()
+        except BaseException:
+            self.abort()
+            raise
         self._ctx.__exit__(None, None, None)
 
-    def abort(self) -> None:
+    def check(self) -> None:
+        """The written file holds every frame: it is not empty and OpenCV reads back as many frames as were written.
+
+        Raises:
+            OSError: it does not (disk full, file size limit, I/O error).
+        """
+        import cv2
+
+        size = self._tmp.stat().st_size if self._tmp.exists() else 0
+        held = 0
+        if size and self.frames:
+            with _quiet_opencv():
+                cap = cv2.VideoCapture(str(self._tmp))
+                try:
+                    held = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0) if cap.isOpened() and cap.read()[0] else 0
+                finally:
+                    cap.release()
+        if held != self.frames:
+            raise OSError(errno.EIO, f"{self.path.name} came out incomplete ({self.frames} frames written, "
+                                     f"{held} readable in {size:,} bytes; is the disk full?); not replaced")
+
+    def _release(self) -> None:
         if self._vw is not None:
-            self._vw.release()
+            with _quiet_opencv():
+                self._vw.release()
+            self._vw = None
+
+    def abort(self) -> None:
+        """Stop and remove the temporary file; ``path`` is left as it was."""
+        import contextlib
+
+        with contextlib.suppress(Exception):
+            self._release()
         err = OSError("aborted")
         try:
             self._ctx.__exit__(OSError, err, None)
         except OSError:
             pass
+
+
+def _quiet_opencv() -> Any:
+    """OpenCV's and FFmpeg's own log lines off while a video is written or probed (ferkit reports what matters)."""
+    import contextlib
+
+    import cv2
+
+    @contextlib.contextmanager
+    def quiet() -> Any:
+        os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+        lg = cv2.utils.logging
+        level = lg.getLogLevel()
+        lg.setLogLevel(lg.LOG_LEVEL_SILENT)
+        try:
+            yield
+        finally:
+            lg.setLogLevel(level)
+
+    return quiet()

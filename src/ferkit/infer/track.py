@@ -77,8 +77,10 @@ class ScoreSmoother:
     """Per-track exponential moving average of class probabilities over real time (see the module docstring)."""
 
     def __init__(self, tau: float = SMOOTH_SECONDS) -> None:
-        if tau < 0:
-            raise ValueError(f"smoothing time constant must be ≥ 0 seconds, got {tau}")
+        if not (math.isfinite(tau) and tau >= 0):  # NaN passes "tau < 0" and made every smoothed score NaN
+            from ferkit.errors import ConfigError
+
+            raise ConfigError(f"smoothing time constant must be a number of seconds ≥ 0, got {tau}")
         self.tau = tau
         self._state: dict[int, tuple[float, np.ndarray]] = {}
 

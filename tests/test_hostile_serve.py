@@ -92,9 +92,23 @@ class Attacker:
         self.sock.close()
 
 
-def _upload_head(length: int) -> bytes:
-    return (f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
+def _upload_head(length: int, path: str = "/v1/predict") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
             f"Content-Length: {length}\r\n\r\n").encode()
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """A 10-frame MJPEG AVI (no faces: the job's result does not matter here)."""
+    import cv2
+    import numpy as np
+
+    path = tmp_path_factory.mktemp("video") / "clip.avi"
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (96, 64))
+    for i in range(10):
+        w.write(np.full((64, 96, 3), 20 * i, np.uint8))
+    w.release()
+    return path.read_bytes()
 
 
 def _timed_post(base: str, data: bytes) -> tuple[int, float]:
@@ -103,11 +117,11 @@ def _timed_post(base: str, data: bytes) -> tuple[int, float]:
     return r.status_code, time.perf_counter() - t0
 
 
-def test_trickling_clients_do_not_lock_out_a_normal_one(server: tuple, photo: bytes) -> None:
+def test_trickling_clients_do_not_lock_out_a_normal_one(server: tuple, photo: bytes, video: bytes) -> None:
     """18 slow uploads (the 2 slots + 16 queue places they used to fill, so that everyone else got 503): 12 trickle
-    a byte at a time, 6 declare more than they send and stall; and 6 more connections trickle their request head. A
-    normal client keeps getting 200 within its usual latency; every attacker is answered 408 and closed soon after
-    --header-timeout."""
+    a byte at a time, 6 declare more than they send and stall; 6 more connections trickle their request head; and
+    2 video uploads stall (the 2 video job slots they used to hold). A normal client keeps getting 200 within its
+    usual latency and can start a video job; every attacker is answered 408 and closed soon after --header-timeout."""
     base, port, _ = server
     usual = max(_timed_post(base, photo)[1] for _ in range(3))
     attackers = (
@@ -115,6 +129,7 @@ def test_trickling_clients_do_not_lock_out_a_normal_one(server: tuple, photo: by
          for _ in range(6)]
         + [Attacker(port, "127.0.0.3", _upload_head(100_000) + photo[:1000]) for _ in range(6)]
         + [Attacker(port, "127.0.0.4", b"", _upload_head(100_000)) for _ in range(6)]
+        + [Attacker(port, "127.0.0.8", _upload_head(len(video), "/v1/videos") + video[:500]) for _ in range(2)]
     )
     t0 = time.monotonic()
     stop = threading.Event()
@@ -128,6 +143,8 @@ def test_trickling_clients_do_not_lock_out_a_normal_one(server: tuple, photo: by
     dripper = threading.Thread(target=drip, daemon=True)
     dripper.start()
     try:
+        time.sleep(0.3)
+        job = httpx.post(base + "/v1/videos", content=video, timeout=30)
         results = []
         while time.monotonic() - t0 < HEADER_TIMEOUT_S + 1.5:  # before, during and after the attackers are cut off
             results.append(_timed_post(base, photo))
@@ -140,12 +157,15 @@ def test_trickling_clients_do_not_lock_out_a_normal_one(server: tuple, photo: by
         dripper.join(5)
         for a in attackers:
             a.close()
+    assert job.status_code == 202, job.text
+    httpx.delete(base + f"/v1/videos/{job.json()['id']}")
     assert all(status == 200 for status, _ in results), results
     assert max(s for _, s in results) < 3 * usual + 1.0, (usual, results)
     assert all(a.ended is not None for a in attackers), [a.reply[:60] for a in attackers]
     assert all(a.ended < HEADER_TIMEOUT_S + 3 for a in attackers), [a.ended for a in attackers]
     assert all(a.reply.startswith(b"HTTP/1.1 408") for a in attackers), [a.reply[:60] for a in attackers]
-    assert b"upload too slow" in attackers[0].reply and b"request headers not received" in attackers[-1].reply
+    slow_heads = [a for a in attackers if b"request headers not received" in a.reply]
+    assert len(slow_heads) == 6 and all(b"upload too slow" in a.reply for a in attackers if a not in slow_heads)
 
 
 def test_connections_per_client_address_are_capped(server: tuple) -> None:

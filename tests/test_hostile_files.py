@@ -163,6 +163,28 @@ def _node(path: Path, kind: str) -> Path:
     return path
 
 
+@pytest.mark.parametrize("kind", ["fifo", "device", "folder"])
+def test_every_atomic_writer_replaces_regular_files_only(tmp_path: Path, kind: str) -> None:
+    from ferkit.errors import OutputError
+    from ferkit.fsutil import atomic_path, atomic_write_text
+
+    target = tmp_path / "out.json"
+    if kind == "folder":
+        target.mkdir()
+    else:
+        _node(target, kind)
+    mode = target.lstat().st_mode
+    with pytest.raises(OutputError, match="out.json: is a .*; refusing to replace it"):
+        atomic_write_text(target, "{}")
+    with pytest.raises(OutputError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("{}")
+    assert target.lstat().st_mode == mode and [p.name for p in tmp_path.iterdir()] == ["out.json"]
+    atomic_write_text(tmp_path / "plain.json", "{}")  # a regular file (or none) is replaced as before
+    atomic_write_text(tmp_path / "plain.json", "[]")
+    assert (tmp_path / "plain.json").read_text() == "[]"
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "ferkit"])
 @pytest.mark.parametrize("kind", ["fifo", "device"])
 def test_export_never_replaces_a_device_or_fifo(tmp_path: Path, fmt: str, kind: str) -> None:

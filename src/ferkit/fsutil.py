@@ -73,26 +73,35 @@ def check_target(path: str | os.PathLike[str]) -> None:
 
 
 def check_output_dir(path: str | os.PathLike[str], *, create: bool = True) -> Path:
-    """Make sure ferkit can write files into the folder ``path`` before any work starts (created when missing).
+    """Make sure ferkit can write files into the folder ``path`` before any work starts.
+
+    ``create``: make it when missing; else a missing folder is checked through its nearest existing parent (which
+    must be a folder ferkit can write in) and made when the first file is written.
 
     Raises:
-        OutputError: ``path`` is a file or other non-folder, cannot be created, or a file cannot be made in it
-            (read-only, full): one line naming it; the CLI exits 2.
+        OutputError: ``path`` (or a parent) is a file or other non-folder, cannot be created, or a file cannot be made
+            in it (read-only, full): one line naming it; the CLI exits 2.
     """
     from ferkit.errors import OutputError
 
     p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise OutputError(f"{display(p)}: is {file_kind(os.stat(p).st_mode)}, not a folder; choose another output "
-                          "folder")
-    if create:
+    for folder in (p, *p.parents):
+        if folder.exists() or folder.is_symlink():
+            break
+    else:
+        folder = Path(".")
+    if not folder.is_dir():
+        what = file_kind(os.stat(folder).st_mode) if folder.exists() else "a broken symbolic link"
+        raise OutputError(f"{display(folder)}: is {what}, not a folder; choose another output folder")
+    if create and folder != p:
         try:
             p.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise OutputError(f"{display(p)}: cannot create the output folder "
                               f"({(e.strerror or str(e)).lower()})") from None
+        folder = p
     try:  # access() says yes to root on a read-only mount; making a file is the real test
-        fd, probe = tempfile.mkstemp(prefix=".ferkit-probe-", dir=p)
+        fd, probe = tempfile.mkstemp(prefix=".ferkit-probe-", dir=folder)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:

@@ -79,7 +79,7 @@ def run_predict(inputs: list[str], *, model: str = "fer3", fmt: str = "table", s
     out_dir = Path(save_annotated) if save_annotated else None
     if out_dir is not None:
         try:
-            check_output_dir(out_dir)  # a file, a read-only folder …: refused before any work
+            check_output_dir(out_dir, create=False)  # a file, a read-only folder …: refused before any work
         except OutputError as e:
             return fail(str(e), e.exit_code)
 

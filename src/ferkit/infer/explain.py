@@ -252,7 +252,7 @@ def run_explain(inputs: list[str], out_dir: str, *, model: str = "fer3", detecto
         return code
 
     try:
-        check_output_dir(out_dir)  # a file, a read-only folder …: refused before any work
+        check_output_dir(out_dir, create=False)  # a file, a read-only folder …: refused before any work
         _torch()
         rec = Recognizer(model, backend=backend, detector="whole" if no_detect else detector)
         if target is not None and target not in rec.classes:

@@ -54,7 +54,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LOST_SECONDS", "REID_MAX_DISTANCE", "SMOOTH_SECONDS", "FaceTracker", "ScoreSmoother", "colour_hist", "track_units"]
+__all__ = ["LOST_SECONDS", "REID_MAX_DISTANCE", "SMOOTH_SECONDS", "FaceTracker", "ScoreSmoother", "colour_hist",
+           "track_units"]
 
 #: Time constant τ of the score smoothing, in seconds. Expressions on the test clips change over ~1 s; τ = 0.5 s
 #: keeps a change visible within half a second while averaging out frame-to-frame flicker of the classifier.

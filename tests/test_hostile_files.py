@@ -150,6 +150,28 @@ def test_library_warnings_come_out_as_ferkit_lines(tmp_path: Path) -> None:
     check(r, 0, errors=0, says="ferkit: UserWarning: Tag data larger than file")  # was 2 raw lines with a path
 
 
+def test_warnings_become_one_log_record_in_the_cli_and_the_server(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import warnings
+
+    from ferkit._warnings import route_warnings
+
+    with warnings.catch_warnings(), caplog.at_level(logging.WARNING, logger="py.warnings"):
+        warnings.simplefilter("always")
+        undo = route_warnings()
+        try:
+            warnings.warn("Corrupt EXIF data.\n  Expecting 8 bytes", UserWarning, stacklevel=1)
+        finally:
+            undo()
+    assert [r.getMessage() for r in caplog.records if r.name == "py.warnings"] == [
+        "UserWarning: Corrupt EXIF data. Expecting 8 bytes"]
+    pytest.importorskip("fastapi")
+    from ferkit.serve.observe import log_config
+
+    for fmt in ("text", "json"):  # the server's workers log them with the request ID
+        assert log_config("info", fmt)["loggers"]["py.warnings"]["handlers"] == ["main"]
+
+
 # -- output paths (4, 11, 18, 19, 20) ----------------------------------------------------------------------------
 
 def _node(path: Path, kind: str) -> Path:

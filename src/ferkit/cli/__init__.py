@@ -525,10 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="ferkit: %(message)s")
-    import warnings
+    from ferkit._warnings import route_warnings
 
-    shown = warnings.showwarning
-    warnings.showwarning = _log_warning  # Pillow's, numpy's … warnings: one "ferkit: ..." line each, via logging
+    unroute = route_warnings()  # Pillow's, numpy's … warnings: one "ferkit: UserWarning: ..." line each
     restore = _stop_on_sigterm() if a.command != "serve" else None  # the server handles its own signals
     try:
         return COMMANDS[a.command](a)
@@ -556,18 +555,9 @@ def main(argv: list[str] | None = None) -> int:
         _error(_os_error_message(e))
         return 1
     finally:
-        warnings.showwarning = shown
+        unroute()
         if restore is not None:
             restore()
-
-
-def _log_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
-                 line: str | None = None) -> None:
-    """``warnings.showwarning`` for the CLI: a library's warning as one log line on the ``py.warnings`` logger
-    (``ferkit: UserWarning: ...``; with ``--log-format json`` a JSON record like any other), not two raw lines on
-    stderr with a source path."""
-    text = " ".join(str(message).split())
-    logging.getLogger("py.warnings").warning("%s: %s", category.__name__, text)
 
 
 class Terminated(BaseException):

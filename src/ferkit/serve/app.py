@@ -143,8 +143,10 @@ def create_app(settings: ServeSettings | None = None, **options: Any) -> FastAPI
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from ferkit._warnings import route_warnings
         from ferkit.infer.recognizer import Recognizer
 
+        route_warnings()  # in every worker: Pillow's and numpy's warnings as log records with the request ID
         t0 = time.perf_counter()
         rec = await asyncio.to_thread(Recognizer, model=s.model, backend=s.backend, detector=s.detector,
                                       detect_size=s.detect_size, min_det_score=s.min_det_score)

@@ -58,6 +58,8 @@ def log_config(level: str = "info", fmt: str = "text") -> dict[str, Any]:
             "uvicorn.error": {"level": lv},
             "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": False},
             "ferkit": {"handlers": ["main"], "level": lv, "propagate": False},
+            # library warnings, one record each with the request ID (ferkit._warnings.route_warnings in lifespan)
+            "py.warnings": {"handlers": ["main"], "level": "WARNING", "propagate": False},
         },
     }
 

@@ -70,6 +70,12 @@ def test_named_non_files_say_what_they_are(tmp_path: Path, kind: str) -> None:
     check(r, 1, says=says)
 
 
+def test_track_refuses_a_fifo_named_like_a_video(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "clip.mp4")
+    r = run_cli(["track", "clip.mp4", "--out", "out"], cwd=tmp_path, timeout=60)  # OpenCV blocked on it for ever
+    check(r, 1, says="clip.mp4: is a FIFO (named pipe), not a regular file")
+
+
 def test_dash_reads_one_image_from_standard_input(tmp_path: Path) -> None:
     r = run_cli(["predict", "-", "--format", "json"], cwd=tmp_path, stdin=ASTRONAUT.read_bytes())
     check(r, 0, errors=0, json_out=True)

@@ -200,11 +200,7 @@ def read_units(jobs: list[tuple[str, Path, str | None]], every: int, *, progress
                 except ImageError as e:
                     yield Unit(file, save_as, error=_problem(str(e), "standard input"))
             elif is_video(Path(file)):
-                why = file_problem(file)
-                if why:  # OpenCV would only say "cannot open video"
-                    yield Unit(file, save_as, error=why)
-                else:
-                    yield from read_video(file, save_as, every, progress=progress)
+                yield from read_video(file, save_as, every, progress=progress)
             else:
                 try:
                     if _frames(file) > 1:  # an animation or multi-page file: every frame, numbered like a video's
@@ -267,6 +263,10 @@ def open_video(source: str | int) -> tuple[Any, VideoInfo]:
     """
     import cv2
 
+    if not isinstance(source, int):
+        why = file_problem(source)  # a FIFO would block OpenCV for ever; OpenCV would only say "cannot open video"
+        if why:
+            raise VideoError(f"{source}: {why}")
     # A file FFmpeg cannot parse makes FFmpeg and OpenCV print their own lines on stderr (and OpenCV then tries to
     # read it as an image sequence); our one-line error says it all. FFmpeg's level is read when it initialises.
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")

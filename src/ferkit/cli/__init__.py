@@ -170,6 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
     tk.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"])
     tk.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    from ferkit.batch.options import add_arguments as add_batch_arguments  # light: the options, not Ray
+
+    add_batch_arguments(sub.add_parser(
+        "batch", help="recognise expressions in many photos and videos on Ray, into a Parquet dataset (ferkit[ray])",
+        description="Photos, folders, videos, globs, manifests and URLs -> one Parquet row per face (and per input "
+                    "that failed or held no face) in --out. Runs on a local Ray with all CPUs, or on a cluster "
+                    "(--address). Rerun the same command to finish an interrupted run."))
+
     ex = sub.add_parser("explain", help="heat maps of what drove each face's prediction (Grad-CAM; needs torch)")
     ex.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files or folders")
     ex.add_argument("--out", required=True, help="folder for NAME.explain.png and NAME.faceN.png")
@@ -345,6 +353,12 @@ def cmd_predict(a: argparse.Namespace) -> int:
     )
 
 
+def cmd_batch(a: argparse.Namespace) -> int:
+    from ferkit.batch.options import run_from_arguments
+
+    return run_from_arguments(a)
+
+
 def cmd_track(a: argparse.Namespace) -> int:
     from ferkit.cli.predict import run_track
 
@@ -510,6 +524,7 @@ COMMANDS = {
     "distill": cmd_distill,
     "evaluate": cmd_evaluate,
     "predict": cmd_predict,
+    "batch": cmd_batch,
     "track": cmd_track,
     "explain": cmd_explain,
     "export": cmd_export,

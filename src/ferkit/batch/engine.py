@@ -51,6 +51,7 @@ class BatchSummary:
     frames: int = 0
     seconds: float = 0.0
     workers: int = 0
+    repeats: int = 0  # item attempts that came back after the item was kept (Ray ran a batch again): dropped
     interrupted: bool = False
     error_lines: list[str] = field(default_factory=list)
 
@@ -107,7 +108,7 @@ def run_batch(inputs: list[str], out: str | os.PathLike, *, model: str = "fer3",
               detector: str = "yunet", no_detect: bool = False, address: str | None = None,
               workers: int | None = None, batch_size: int = ITEMS_PER_CALL, part_rows: int = 50_000,
               flush_seconds: float = 30.0, report: bool = False, quiet: bool = False,
-              err: TextIO | None = None) -> BatchSummary:
+              err: TextIO | None = None, range_frames: int | None = None) -> BatchSummary:
     """Recognise the faces of ``inputs`` on Ray and write them into the Parquet dataset ``out``.
 
     Args:
@@ -121,6 +122,7 @@ def run_batch(inputs: list[str], out: str | os.PathLike, *, model: str = "fer3",
         report: also write per-label counts and per-video time series into ``out/_report`` (:mod:`.report`).
         quiet: no progress bar (there is none anyway when stderr is not a terminal).
         err: where per-input error lines go (default stderr).
+        range_frames: sampled video frames per work item (default :data:`ferkit.batch.plan.RANGE_FRAMES`).
 
     Returns:
         A :class:`BatchSummary`; ``interrupted`` is set when Ctrl-C stopped it (what was finished is kept).
@@ -155,7 +157,8 @@ def run_batch(inputs: list[str], out: str | os.PathLike, *, model: str = "fer3",
     plan_path = d / f"_plan-{os.getpid()}.parquet"
     try:
         ledger = Ledger(d)
-        n_items, videos = _write_plan(plan_path, inputs, every=every, exclude=d, ledger=ledger, summary=summary)
+        n_items, videos = _write_plan(plan_path, inputs, every=every, exclude=d, ledger=ledger, summary=summary,
+                                      range_frames=range_frames)
         cpus = int(ray.cluster_resources().get("CPU", 1))
         summary.workers = max(1, min(workers or cpus, cpus, max(n_items, 1)))
         writer = PartWriter(d, classes, part_rows=part_rows, flush_seconds=flush_seconds)
@@ -189,13 +192,13 @@ def run_batch(inputs: list[str], out: str | os.PathLike, *, model: str = "fer3",
 
 
 def _write_plan(path: Path, inputs: list[str], *, every: int, exclude: Path, ledger: Any,
-                summary: BatchSummary) -> tuple[int, dict[str, dict[str, Any]]]:
+                summary: BatchSummary, range_frames: int | None) -> tuple[int, dict[str, dict[str, Any]]]:
     """Plan into a Parquet file (rows of :class:`ferkit.batch.plan.Item`), written as it goes; returns the item
     count and, per video, its range count, frame rate and declared frames."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ferkit.batch.plan import Item, plan_items
+    from ferkit.batch.plan import RANGE_FRAMES, Item, plan_items
     from ferkit.fsutil import atomic_path
 
     fields = Item("", "", "").to_dict()
@@ -206,7 +209,8 @@ def _write_plan(path: Path, inputs: list[str], *, every: int, exclude: Path, led
     with atomic_path(path) as tmp:
         w = pq.ParquetWriter(tmp, sch)
         try:
-            for it in plan_items(inputs, every=every, exclude=exclude, done=ledger):
+            for it in plan_items(inputs, every=every, exclude=exclude, done=ledger,
+                                 range_frames=range_frames or RANGE_FRAMES):
                 files.add(it.file)
                 if it.kind == "video":
                     videos.setdefault(it.file, {"ranges": it.ranges, "fps": it.fps})
@@ -258,13 +262,17 @@ class _Committer:
         self.videos = videos
         self.tracked: dict[str, list[list[dict[str, Any]]]] = {}  # video → its finished ranges' rows
         self.done: set[str] = set()
+        self.repeated: set[str] = set()
         self.partial: dict[tuple[str, str], list[dict[str, Any]]] = {}
 
     def add(self, block: Any) -> None:
         for r in block.to_pylist():
             item = r["item"]
-            if item in self.done:
-                continue  # a second attempt of a finished item (a retried task): already kept once
+            if item in self.done:  # a second attempt of a finished item (a retried task): already kept once
+                if r["attempt"] not in self.repeated:
+                    self.repeated.add(r["attempt"])
+                    self.summary.repeats += 1
+                continue
             key = (item, r["attempt"])
             rows = self.partial.setdefault(key, [])
             rows.append(r)

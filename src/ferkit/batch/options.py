@@ -53,4 +53,7 @@ def run_from_arguments(a: argparse.Namespace) -> int:
               file=sys.stderr)
         return 130
     print(summary.line())
+    if summary.repeats:
+        print(f"ferkit batch: {summary.repeats} batch(es) came back twice (a worker was lost and Ray ran its work "
+              f"again); each item was kept once", file=sys.stderr)
     return 1 if summary.errors else 0

@@ -13,6 +13,11 @@ Measures, for each model and each backend (torch: fused conv+BN, channels-last; 
     it prints), median of ``--starts`` runs; ``first`` is the very first run with an empty ONNX cache (it converts
     the model), torch is ``--backend torch``.
 
+With ``--fer-python PY`` (a Python that has the `fer` package and TensorFlow, see ``fer_peer.py``), the `fer`
+package's own classifier (its TFLite model, the default) is timed on the same faces in that interpreter, right after
+ferkit's models, and each model's ``fer_ratio`` (its onnx faces/s over fer's) is recorded: the fast tier's goal is
+≥ 1.5× on whatever CPU runs it, AVX2-only included, so the README quotes ratios, not times.
+
 Targets: ≥ 2500 faces/s for fer3 and ≤ 25 ms end-to-end. Prints a table and writes ``infer_speed.json`` next to this
 script. Other processes on the machine slow every number: the load average is recorded with the results.
 """
@@ -155,6 +160,17 @@ def startup(model: str, photo: np.ndarray, starts: int) -> dict[str, Any]:
             "auto_s": round(statistics.median(auto), 2), "torch_s": round(statistics.median(torch_), 2)}
 
 
+def fer_peer(python: str, faces: np.ndarray, tmp: Path) -> dict[str, Any]:
+    """The `fer` package's classifier on the same faces, in its own interpreter (``fer_peer.py``)."""
+    npy = tmp / "faces.npy"
+    np.save(npy, faces)
+    r = subprocess.run([python, str(HERE / "fer_peer.py"), "--faces", str(len(faces)), "--faces-npy", str(npy)],
+                       capture_output=True, text=True, timeout=600)
+    if r.returncode:
+        raise SystemExit(f"--fer-python {python}: fer_peer.py failed: {r.stderr.strip().splitlines()[-1:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", action="append", help="model file(s) to add to the bundled ones")
@@ -162,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--starts", type=int, default=3, help="CLI start-up runs per backend (median)")
     ap.add_argument("--backends", default="onnx,torch", help="comma-separated, measured in this order")
     ap.add_argument("--no-startup", action="store_true", help="skip the subprocess start-up timing")
+    ap.add_argument("--fer-python", default=os.environ.get("FER_PYTHON", ""),
+                    help="a Python with the `fer` package (fer_peer.py): time its classifier side by side")
     ap.add_argument("--out", default=str(HERE / "infer_speed.json"))
     a = ap.parse_args(argv)
 
@@ -224,6 +242,11 @@ def main(argv: list[str] | None = None) -> int:
         if not a.no_startup:
             entry["startup"] = startup(path, photo, a.starts)
         report["models"][name] = entry
+    if a.fer_python:
+        report["fer"] = fer_peer(a.fer_python, faces, tmp)
+        for entry in report["models"].values():
+            if "onnx" in entry and report["fer"].get("tflite"):
+                entry["fer_ratio"] = round(entry["onnx"]["faces_per_s"] / report["fer"]["tflite"]["faces_per_s"], 2)
     report["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
 
@@ -244,6 +267,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"(auto), {s['torch_s']:.2f} s (torch)   [{s['command']}]")
     print("e2e: Recognizer.predict on a decoded 640×480 photo; detect and classify (crop+normalise+classify) timed "
           "step by step in a second loop")
+    if "fer" in report:
+        f = report["fer"]
+        print(f"`fer` {f.get('fer_version')} TFLite classifier on the same faces: {f['tflite']['faces_per_s']:,.0f} "
+              f"faces/s; ferkit onnx / fer: " + ", ".join(f"{n} {e['fer_ratio']:.2f}x"
+                                                         for n, e in report["models"].items() if "fer_ratio" in e))
     print(f"targets: ≥{TARGET_FPS} faces/s, ≤{TARGET_MS:.0f} ms end-to-end; written {a.out}")
     shutil.rmtree(tmp, ignore_errors=True)
     return 0

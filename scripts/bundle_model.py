@@ -63,13 +63,47 @@ def copy_weights(src: Path, dst: Path, meta: ModelMeta, *, half: bool = False) -
     os.replace(tmp, dst)
 
 
-def validation_faces(meta: ModelMeta, data: Path) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 N×S×S FER2013 validation faces of the model's classes at its input size, and their labels."""
+def validation_faces(meta: ModelMeta, data: Path, labels: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 N×S×S FER2013 validation faces at the model's input size, and their labels: those of the model's
+    class folders with their folder labels, or with ``labels`` (crowd votes) every face that has a FER+ majority
+    among the model's classes, with that label."""
     from ferkit.data import find_dataset, load_split
 
+    if labels:
+        from ferkit.data.labels import majority_labels
+        from ferkit.evaluate import split_with_votes
+
+        _, src, votes, _ = split_with_votes(str(data), labels, "validation", list(meta.classes))
+        loaded = load_split(src, meta.input_size)
+        y = majority_labels(loaded.take(votes), list(meta.classes))
+        return loaded.images[y >= 0], y[y >= 0]
     ds = find_dataset(data, list(meta.classes))
     loaded = load_split(ds.split("validation"), meta.input_size)
     return loaded.images, np.asarray(loaded.labels)
+
+
+def share_calibration(probs: np.ndarray, votes: np.ndarray, classes: list[str], bins: int = 15) -> dict[str, Any]:
+    """Do the scores read as "the share of people who would say so"? Per bin of the top score: its mean against the
+    mean share of the votes (on the model's classes) that went to the predicted label; ``ece`` weights the gaps by
+    the bins' sizes, ``mean_abs_error`` is face by face."""
+    from ferkit.data.labels import class_columns
+
+    v = np.nan_to_num(np.asarray(votes, np.float64))[:, class_columns(classes)]
+    on = v.sum(1) > 0
+    p, v = probs[on], v[on]
+    pred, top = p.argmax(1), p.max(1)
+    share = v[np.arange(len(p)), pred] / v.sum(1)
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(top, edges[1:-1]), 0, bins - 1)
+    rows, gap = [], 0.0
+    for b in range(bins):
+        m = which == b
+        if m.any():
+            rows.append({"bin": [round(edges[b], 3), round(edges[b + 1], 3)], "n": int(m.sum()),
+                         "mean_score": float(top[m].mean()), "mean_share": float(share[m].mean())})
+            gap += m.sum() / len(p) * abs(top[m].mean() - share[m].mean())
+    return {"n": int(len(p)), "ece": float(gap), "mean_abs_error": float(np.abs(top - share).mean()),
+            "mean_score": float(top.mean()), "mean_share": float(share.mean()), "bins": rows}
 
 
 def rotate(faces: np.ndarray, degrees: float) -> np.ndarray:
@@ -129,17 +163,29 @@ def _timed(fn: Any) -> float:
     return time.perf_counter() - t0
 
 
-def measure(path: Path, meta: ModelMeta, data: Path) -> dict[str, Any]:
-    """Everything the card states, measured on this machine with the calibrated model file at ``path``."""
+def measure(path: Path, meta: ModelMeta, data: Path, labels: str | None = None) -> dict[str, Any]:
+    """Everything the card states, measured on this machine with the calibrated model file at ``path``; with
+    ``labels`` (crowd votes), accuracy is against the FER+ majority label (``ferplus``: all the vote metrics) and
+    the folder-label figures are kept beside it (``folder``)."""
     from ferkit import Recognizer
     from ferkit.evaluate import evaluate_models
     from ferkit.metrics import coverage_curve, evaluate_probs, selective
 
-    m, probs, labels = evaluate_models([str(path)], data=str(data), split="validation", return_probs=True)
-    flip = evaluate_models([str(path)], data=str(data), split="validation", tta="flip")
-    tencrop = evaluate_models([str(path)], data=str(data), split="validation", tta="tencrop")
+    kw = {"labels": labels} if labels else {}
+    m, probs, labels_ = evaluate_models([str(path)], data=str(data), split="validation", return_probs=True, **kw)
+    flip = evaluate_models([str(path)], data=str(data), split="validation", tta="flip", **kw)
+    tencrop = evaluate_models([str(path)], data=str(data), split="validation", tta="tencrop", **kw)
     rec = Recognizer(model=str(path), backend="onnx" if _has_onnxruntime() else "torch")
-    faces, y = validation_faces(meta, data)
+    faces, y = validation_faces(meta, data, labels)
+    folder = None
+    if labels:  # the headline figures are against people: the majority-kept faces and their labels
+        folder = {"accuracy": m["accuracy"], "n": m["n"], "macro_f1": m.get("macro_f1"),
+                  "accuracy_tta_flip": flip["accuracy"], "accuracy_tta_tencrop": tencrop["accuracy"]}
+        probs, labels_ = np.asarray(rec.classify(faces), np.float64), y  # calibrated, as the Recognizer gives them
+        m = {**evaluate_probs(probs, y, list(meta.classes)), "ferplus": m["ferplus"], "split": m["split"],
+             "data": m["data"]}
+        for res in (flip, tencrop):
+            res["accuracy"] = res["ferplus"]["accuracy"]
     robust = {}
     for name, fn in (("rotated 15°", lambda f: rotate(f, 15)), ("rotated 30°", lambda f: rotate(f, 30)),
                      ("seen at 24×24 pixels", lambda f: shrink(f, 24)),
@@ -149,20 +195,32 @@ def measure(path: Path, meta: ModelMeta, data: Path) -> dict[str, Any]:
     if (data.parent / "wild-dev").is_dir():
         wild = {"upright": wild_dev(rec, data.parent / "wild-dev"),
                 "rotated 30°": wild_dev(rec, data.parent / "wild-dev", 30.0)}
-    curve = coverage_curve(probs, labels)
+    curve = coverage_curve(probs, labels_)
     return {
         "validation": m,
+        **({"folder": folder, "ferplus": m["ferplus"]} if folder else {}),
         "accuracy_tta_flip": flip["accuracy"],
         "accuracy_tta_tencrop": tencrop["accuracy"],
-        "selective": [selective(probs, labels, p) for p in MIN_SCORES],
+        "selective": [selective(probs, labels_, p) for p in MIN_SCORES],
         "coverage_curve": {"coverage": curve["coverage"][::10], "accuracy": curve["accuracy"][::10]},
         "robustness_validation": robust,
         "wild_dev": wild,
         "faces_per_second": faces_per_second(rec, faces),
         "backend": rec.backend,
         "load_average": os.getloadavg()[0],
-        "check": evaluate_probs(probs, labels, list(meta.classes))["accuracy"],
+        "check": evaluate_probs(probs, labels_, list(meta.classes))["accuracy"],
     }
+
+
+def cross_fitted_probs(z: np.ndarray, y: np.ndarray, cal: dict[str, Any]) -> np.ndarray:
+    """Out-of-fold probabilities with the calibration method ``cal`` chose (each half scaled by the fit on the
+    other): what a claim about the calibrated scores is checked on."""
+    from ferkit.train.calibrate import CANDIDATES, cross_fit_probs, scaled_probs
+
+    chosen = next(c for c, name in CANDIDATES.items() if cal["candidates"].get(name) == cal["after_cross_fit"])
+    if chosen[0] < 0:
+        return scaled_probs(z, 1.0)
+    return cross_fit_probs(z, y, degree=chosen[0], objective=chosen[1])[0]
 
 
 def _has_onnxruntime() -> bool:
@@ -230,8 +288,9 @@ def card_text(name: str, meta: ModelMeta, params: int, size_mb: float, r: dict[s
         f"| training data | FER2013 `train/` (Kaggle split folders, {t.get('train_images') or 0:,} images of these "
         "classes) |",
         f"| recipe | {recipe} |",
-        f"| validation (FER2013 PublicTest, n={v['n']}) | accuracy **{pct(v['accuracy'])}** (macro-F1 "
+        f"| validation (FER2013 PublicTest{', FER+ majority labels' if 'ferplus' in r else ''}, n={v['n']}) | accuracy **{pct(v['accuracy'])}** (macro-F1 "
         f"{pct(v['macro_f1'])}); " + tta_text(meta, r) + " |",
+        *labels_rows(meta, r),
         f"| tier | {meta.metrics.get('tier', 'fast')} |",
         f"| calibration | {cal['method']}, fitted on `validation`: ECE **{cal['after_cross_fit']['ece']:.4f}** "
         f"(cross-fitted; {cal['before']['ece']:.4f} before), 15 equal-width bins |",
@@ -341,6 +400,35 @@ def card_text(name: str, meta: ModelMeta, params: int, size_mb: float, r: dict[s
     return "\n".join(lines)
 
 
+def labels_rows(meta: ModelMeta, r: dict[str, Any]) -> list[str]:
+    """The card's rows on which labels the model learnt and is measured against (crowd votes or folder names)."""
+    t = meta.training.get("labels") or {"source": "folder names", "mode": "hard"}
+    if "ferplus" not in r:
+        return ["| labels | trained and measured on FER2013's folder labels (one web search each; ten FER+ "
+                "annotators disagree with about a third of them) |"]
+    fp, fo, sh = r["ferplus"], r["folder"], r["share_calibration"]
+    left = ", ".join(f"{n} {why}" for why, n in (t.get("left_out") or {}).items() if n)
+    trained = (f"trained on FER+ crowd votes (`{t.get('source')}`, label_mode `{t.get('mode')}`: cross-entropy "
+               f"against the ten annotators' vote shares after dropping single votes; {t.get('train_kept', 0):,} of "
+               f"{t.get('train_faces', 0):,} training faces kept" + (f"; left out: {left}" if left else "") + ")"
+               if t.get("mode") not in (None, "hard") else "trained on FER2013's folder labels")
+    return [
+        f"| labels | {trained}; **accuracy is against people**: the FER+ majority label (single votes dropped; a face "
+        f"counts when its top label holds more than half the remaining votes and is one of the model's classes) |",
+        f"| against people (FER+, validation) | majority accuracy **{pct(fp['accuracy'])}** (n={fp['n']}; "
+        f"{pct(fp['accuracy_in_folders'])} on the n={fp['n_in_folders']} of them in these classes' own folders); "
+        f"soft agreement {pct(fp['soft_agreement'])} (mean share of the ten votes the predicted label got); "
+        f"cross-entropy against the votes {fp['cross_entropy']:.4f}; ECE against the majority label "
+        f"{fp['ece']:.4f} in-sample (cross-fitted below) |",
+        f"| against FER2013's folder labels | {pct(fo['accuracy'])} (n={fo['n']}, the faces in these classes' "
+        f"folders; flip TTA {pct(fo['accuracy_tta_flip'])}) |",
+        f"| scores as \"the share of people who would say so\" | top score vs the share of the votes on these classes "
+        f"that the predicted label got, cross-fitted calibration, n={sh['n']}: binned gap (ECE-style) "
+        f"**{sh['ece']:.4f}**, face by face {sh['mean_abs_error']:.3f}; mean score {sh['mean_score']:.3f} vs "
+        f"mean share {sh['mean_share']:.3f} |",
+    ]
+
+
 def speed_text(name: str, r: dict[str, Any], arch: str) -> str:
     """The card's speed: ``benchmarks/infer_speed.py``'s number when it was measured on an idle machine for a model of
     this architecture (speed does not depend on the weights), and the one measured while bundling (with the load
@@ -409,6 +497,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--refresh-speed", action="store_true",
                     help="only measure the speed again and rewrite it in the model file, its card and its ONNX "
                          "sibling (on an idle machine; SRC is ignored)")
+    ap.add_argument("--labels", default=None,
+                    help="crowd votes (e.g. ../shared/data/fer2013/ferplus): calibrate against the FER+ majority "
+                         "label and measure against people, folder-label figures beside")
     ap.add_argument("--to", default=str(WEIGHTS_DIR), help="where bundled models live (default: the package's)")
     ap.add_argument("--cards", default=str(CARDS), help="where the card's plots and JSON go (default %(default)s)")
     a = ap.parse_args(argv)
@@ -449,8 +540,19 @@ def main(argv: list[str] | None = None) -> None:
     # 1. weights, as they are (or as float16); 2. the calibration, fitted on validation from the raw logits
     copy_weights(src, dst, dataclasses.replace(meta, name=a.name, training=training, temperature=1.0,
                                                temperature_poly=()), half=a.half)
-    z, y, _ = model_logits(str(dst), data=str(data), split="validation")
-    cal = calibrate(z, y, split="validation")
+    share = None
+    if a.labels:  # against people: fitted on the faces with a FER+ majority among the classes, with that label
+        from ferkit.data.labels import majority_labels
+        from ferkit.evaluate import vote_logits
+
+        z, votes, _, _ = vote_logits(str(dst), data=str(data), labels=a.labels)
+        y = majority_labels(votes, list(meta.classes))
+        z, votes, y = z[y >= 0], votes[y >= 0], y[y >= 0]
+        cal = calibrate(z, y, split="validation (FER+ majority)")
+        share = share_calibration(cross_fitted_probs(z, y, cal), votes, list(meta.classes))
+    else:
+        z, y, _ = model_logits(str(dst), data=str(data), split="validation")
+        cal = calibrate(z, y, split="validation")
     metrics = dict(meta.metrics)
     metrics["calibration"] = cal
     meta = dataclasses.replace(meta, name=a.name, training=training, temperature=cal["temperature"],
@@ -458,8 +560,10 @@ def main(argv: list[str] | None = None) -> None:
     copy_weights(dst, dst, meta)  # the tensors step 1 wrote (float16 with --half), the calibrated metadata
 
     # 3. measurements with the calibrated file
-    r = measure(dst, meta, data)
+    r = measure(dst, meta, data, a.labels)
     r.update(kept_speed)
+    if share is not None:
+        r["share_calibration"] = share
     v = r["validation"]
     min_score = suggest(r["selective"])
     metrics.update({"val_split": "validation", "accuracy": v["accuracy"], "macro_f1": v["macro_f1"], "n": v["n"],
@@ -467,6 +571,15 @@ def main(argv: list[str] | None = None) -> None:
                     "tier": a.tier, "ece": cal["after_cross_fit"]["ece"],
                     "suggested_min_score": min_score,
                     "faces_per_second": round(r["faces_per_second"])})
+    if a.labels:  # which truth the numbers are against, and the other one beside it
+        fp = r["ferplus"]
+        metrics.update({"labels": "ferplus-majority", "accuracy_folder": r["folder"]["accuracy"],
+                        "n_folder": r["folder"]["n"],
+                        "ferplus": {**{k: fp[k] for k in ("accuracy", "n", "soft_agreement", "cross_entropy",
+                                                          "n_votes", "accuracy_in_folders", "n_in_folders")},
+                                    "share_ece": share["ece"], "share_mean_abs_error": share["mean_abs_error"]}})
+    else:
+        metrics["labels"] = "folder"
     meta = dataclasses.replace(meta, metrics=metrics)
     copy_weights(dst, dst, meta)
 

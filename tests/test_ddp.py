@@ -20,10 +20,12 @@ pytest.importorskip("lightning")
 def test_two_cpu_processes_end_with_identical_weights(make_tiny_dataset: Callable[..., Path], tmp_path: Path) -> None:
     data = make_tiny_dataset(10, 4)
     out, dump = tmp_path / "run", tmp_path / "ranks"
+    # on FER+ crowd votes (soft targets): the ranks shard the targets with the faces
+    votes = Path(__file__).resolve().parents[2] / "shared" / "data" / "fer2013" / "ferplus"
     # Fabric's launcher starts rank 1 by re-running this very command (python -m ferkit …).
     cmd = [sys.executable, "-m", "ferkit", "train", "--data", str(data), "--devices", "2", "--device", "cpu",
            "--max-steps", "3", "--epochs", "1", "--batch-size", "4", "--out", str(out),
-           "--set", f"rank_weights={dump}"]
+           "--set", f"rank_weights={dump}", "--labels", str(votes)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=360, env=env, check=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -44,3 +46,4 @@ def test_two_cpu_processes_end_with_identical_weights(make_tiny_dataset: Callabl
     model = load_file(str(out / "model.safetensors"))
     assert all(torch.equal(model[k], w0[k]) for k in w0)
     assert r.stdout.count("done: ") == 1  # rank-zero printing only
+    assert r.stdout.count("labels: soft targets") == 1

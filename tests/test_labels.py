@@ -183,3 +183,41 @@ def test_train_and_evaluate_on_votes_end_to_end(make_tiny_dataset, tmp_path: Pat
     for mode in ("majority", "probability"):
         assert main(["train", "--data", str(data), "--labels", str(FERPLUS), "--epochs", "1", "--batch-size", "16",
                      "--out", str(tmp_path / mode), "--set", f"label_mode={mode}", "--set", "max_steps=2"]) == 0
+
+
+@pytest.fixture(scope="module")
+def micro_votes(make_tiny_dataset) -> Path:
+    return make_tiny_dataset(10, 6, classes=("happy", "sad", "neutral", "fear"))
+
+
+def _ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)  # our own checkpoint, written by this test
+
+
+@needs_fer
+def test_votes_resume_bit_identical(micro_votes: Path, tmp_path: Path) -> None:
+    """A run on votes stopped after epoch 1 and resumed ends with the weights of one uninterrupted run."""
+    common = ["train", "--data", str(micro_votes), "--labels", str(FERPLUS), "--epochs", "2", "--batch-size", "8",
+              "--device", "cpu", "--seed", "4", "--set", "label_mode=probability"]
+    assert main([*common, "--out", str(tmp_path / "whole")]) == 0
+    per_epoch = _ckpt(tmp_path / "whole" / "last.ckpt")["step"] // 2
+    assert main([*common, "--out", str(tmp_path / "split"), "--max-steps", str(per_epoch)]) == 0
+    assert main(["train", "--resume", "--out", str(tmp_path / "split"), "--max-steps", "0"]) == 0
+    a, b = _ckpt(tmp_path / "whole" / "last.ckpt")["model"], _ckpt(tmp_path / "split" / "last.ckpt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
+    assert read_meta(tmp_path / "split").training["labels"]["mode"] == "probability"
+
+
+@needs_fer
+def test_distill_blends_teacher_and_votes_with_stored_views(micro_votes: Path, tmp_path: Path, capsys) -> None:
+    teacher = tmp_path / "teacher"
+    assert main(["train", "--data", str(micro_votes), "--labels", str(FERPLUS), "--epochs", "1", "--batch-size", "8",
+                 "--out", str(teacher)]) == 0
+    out = tmp_path / "student"
+    assert main(["distill", "--teacher", str(teacher), "--data", str(micro_votes), "--labels", str(FERPLUS),
+                 "--alpha", "0.5", "--views", "2", "--epochs", "1", "--batch-size", "8", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "teacher soft labels: 2 views" in said and "labels: soft targets" in said
+    meta = read_meta(out)
+    assert meta.training["teacher"] == str(teacher) and meta.training["labels"]["mode"] == "soft"
+    assert (out / "teacher_views.safetensors").is_file()

@@ -188,30 +188,55 @@ def evaluate_models(specs: list[str], *, data: str | None = None, split: str | N
     return (m, probs, labels) if return_probs else m
 
 
+def split_with_votes(data: str, labels: str, split: str | None, classes: list[str],
+                     say: Callable[[str], None] = lambda s: None) -> tuple[str, Any, np.ndarray, np.ndarray]:
+    """Every face of a split (all expression folders) with its crowd votes: ``(split, source, votes N×10, folder)``,
+    ``folder`` being each face's folder label among ``classes`` (-1 for a folder outside them)."""
+    from ferkit.classes import FER2013_CLASSES
+    from ferkit.data import find_dataset
+    from ferkit.data.labels import attach_votes, read_votes
+
+    table = read_votes(labels)
+    ds = find_dataset(data, list(FER2013_CLASSES), require_all=False)
+    split, src = _resolve_split(ds, str(data), split, say)
+    votes = attach_votes(table, src, ds.root)
+    folder = np.array([classes.index(ds.classes[k]) if ds.classes[k] in classes else -1
+                       for k in np.asarray(src.labels).tolist()], np.int64)
+    return split, src, votes, folder
+
+
 def _with_votes(models: list[tuple[Any, Any]], labels: str, data: str, split: str | None, classes: list[str],
                 tta: str, batch_size: int, strict: bool, say: Callable[[str], None]
                 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Score every face of the split against the folder labels and the crowd votes in ``labels``: returns the
     probabilities and folder labels of the faces whose folder is one of ``classes`` (for the report's plots) and the
     metrics, with ``"ferplus"`` from :func:`ferkit.data.labels.vote_metrics`."""
-    from ferkit.classes import FER2013_CLASSES
-    from ferkit.data import find_dataset
-    from ferkit.data.labels import attach_votes, read_votes, vote_metrics
+    from ferkit.data.labels import vote_metrics
 
-    table = read_votes(labels)
-    ds = find_dataset(data, list(FER2013_CLASSES), require_all=False)
-    split, src = _resolve_split(ds, str(data), split, say)
-    probs, folder_idx, kept = ensemble_probs(models, src, classes, tta=tta, batch_size=batch_size, strict=strict,
-                                             with_kept=True)
-    votes = attach_votes(table, src, ds.root)[kept]
-    folder = np.array([classes.index(ds.classes[k]) if ds.classes[k] in classes else -1
-                       for k in np.asarray(folder_idx).tolist()], np.int64)
+    split, src, votes, folder = split_with_votes(data, labels, split, classes, say)
+    probs, _, kept = ensemble_probs(models, src, classes, tta=tta, batch_size=batch_size, strict=strict,
+                                    with_kept=True)
+    votes, folder = votes[kept], folder[kept]
     k = folder >= 0
     m = evaluate_probs(probs[k], folder[k], classes) if k.any() else {"accuracy": float("nan"), "n": 0}
     m["ferplus"] = vote_metrics(probs, votes, classes, folder=folder)
     m["ferplus"]["source"] = str(labels)
     m["split"] = split
     return probs[k], folder[k], m
+
+
+def vote_logits(spec: str, *, data: str, labels: str, split: str = "validation", batch_size: int = 512
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
+    """A model's raw outputs on every face of a split, with the faces' votes and folder labels:
+    ``(logits, votes, folder, meta)`` (what a calibration against the FER+ majority label is fitted on)."""
+    from ferkit.data import load_split
+    from ferkit.modelfile import load_model
+
+    net, meta = load_model(spec)
+    _, src, votes, folder = split_with_votes(data, labels, split, list(meta.classes))
+    loaded = load_split(src, meta.input_size)
+    z = predict_logits(net, loaded.images, size=meta.input_size, mean=meta.mean, std=meta.std, batch_size=batch_size)
+    return z.numpy(), loaded.take(votes), loaded.take(folder), meta
 
 
 def _calibration_note(meta: Any, split: str) -> dict[str, Any]:

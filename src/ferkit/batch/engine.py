@@ -13,6 +13,7 @@ last range is in); Ray's object store holds the plan and the streamed blocks, ca
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -50,6 +51,7 @@ class BatchSummary:
     errors: int = 0
     frames: int = 0
     seconds: float = 0.0
+    first_result_s: float | None = None  # from the start to the first result back (Ray, actors, model loads)
     workers: int = 0
     repeats: int = 0  # item attempts that came back after the item was kept (Ray ran a batch again): dropped
     interrupted: bool = False
@@ -58,9 +60,10 @@ class BatchSummary:
     def line(self) -> str:
         rate = self.frames / self.seconds if self.seconds > 0 else 0.0
         skipped = f" ({self.skipped} already done)" if self.skipped else ""
+        first = f", first result after {self.first_result_s:.1f} s" if self.first_result_s is not None else ""
         return (f"ferkit batch: {self.inputs} inputs{skipped}, {self.faces} faces, {self.no_face} without a face, "
                 f"{self.errors} failed; {self.frames} images/frames in {self.seconds:.1f} s ({rate:.1f}/s) on "
-                f"{self.workers} worker{'s' if self.workers != 1 else ''} -> {self.out}")
+                f"{self.workers} worker{'s' if self.workers != 1 else ''}{first} -> {self.out}")
 
 
 def _check(every: int, batch_size: int, workers: int | None, part_rows: int) -> None:
@@ -165,18 +168,32 @@ def run_batch(inputs: list[str], out: str | os.PathLike, *, model: str = "fer3",
         bar = make_progress(n_items, "items", enabled=progress_enabled(quiet))
         committer = _Committer(writer, classes, videos, every=every, track=track, summary=summary, err=err,
                                 bar=bar)
+        blocks = None
         try:
             if n_items:
                 ds = _dataset(ray, plan_path, model, {**rec_kw, "every": every, "track": track,
                                                       "no_detect": no_detect}, model_digest, summary.workers,
                               batch_size)
-                for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                blocks = ds.iter_batches(batch_size=None, batch_format="pyarrow")
+                del ds
+                for block in blocks:
+                    if summary.first_result_s is None:
+                        summary.first_result_s = time.monotonic() - t0
                     committer.add(block)
         except KeyboardInterrupt:
             summary.interrupted = True
         finally:
             bar.close()
             writer.flush()  # every complete item so far
+            # Stop Ray Data's executor and drop every object reference while Ray is up: one touched after
+            # ray.shutdown() made Ray's core end the process with status 1 (seen after Ctrl-C).
+            if blocks is not None:
+                try:
+                    blocks.close()
+                except Exception:  # noqa: BLE001  (an executor already torn down by the interrupt)
+                    log.debug("closing the dataset iterator", exc_info=True)
+                blocks = None
+            gc.collect()
     finally:
         try:
             plan_path.unlink(missing_ok=True)
@@ -231,22 +248,27 @@ def _dataset(ray: Any, plan: Path, model: str, options: dict[str, Any], model_di
              batch_size: int) -> Any:
     from ferkit.batch.worker import ItemRecogniser
 
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    # The plan goes into the object store in blocks of PLAN_BLOCK items, from the file, so the driver never holds it
-    # whole. Not ray.data.read_parquet: its read task waited for ever behind an actor pool holding every CPU
-    # (Ray 2.60, even with num_cpus=0 for the read).
-    # One block per map_batches call: Ray Data gives a block to one task, so a block of 1,000 items would go to one
-    # actor while the others wait.
+    # The plan goes into the object store from the file, a row group (PLAN_BLOCK items) at a time, so the driver
+    # holds object references, not the plan. Not ray.data.read_parquet: its read task waited for ever behind an actor
+    # pool holding every CPU (Ray 2.60, even with num_cpus=0 for the read).
+    # One block per map_batches call (batch_size=None: Ray Data bundles blocks up to a batch_size otherwise): photos
+    # batch_size to a block, each video range (256 frames, as much work as 256 photos) a block of its own, so that
+    # one video's ranges spread over the workers; the ranges go first, the longest work starting first.
     pf = pq.ParquetFile(plan)
-    refs = []
+    videos, photos = [], []
     for i in range(pf.num_row_groups):
         group = pf.read_row_group(i)
-        refs += [ray.put(group.slice(k, batch_size)) for k in range(0, group.num_rows, batch_size)]
-    ds = ray.data.from_arrow_refs(refs)
+        kinds = group.column("kind").to_pylist()
+        videos += [ray.put(group.slice(k, 1)) for k, kind in enumerate(kinds) if kind == "video"]
+        rest = group.take(pa.array([k for k, kind in enumerate(kinds) if kind != "video"], pa.int64()))
+        photos += [ray.put(rest.slice(k, batch_size)) for k in range(0, rest.num_rows, batch_size)]
+    ds = ray.data.from_arrow_refs(videos + photos)
     return ds.map_batches(ItemRecogniser, fn_constructor_kwargs=dict(model=model, options=options,
                                                                     model_digest=model_digest, threads=1),
-                          batch_size=batch_size, batch_format="pyarrow",
+                          batch_size=None, batch_format="pyarrow",
                           # Ray Data restarts a dead actor and runs its batch again (max_restarts and
                           # max_task_retries default to -1 for actor pools): the committer keeps one attempt
                           compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)

@@ -533,6 +533,7 @@ def pack_ensemble(specs: list[str], out: str, *, data: str | None = None, split:
             "ensemble_of": list(specs),
             "data": first.training.get("data"),
             "train_images": first.training.get("train_images"),
+            **({"labels": first.training["labels"]} if first.training.get("labels") else {}),
         },
         metrics={},
     )
@@ -558,7 +559,10 @@ def _write_scored(out: str, net: torch.nn.Module, meta: ModelMeta, data: str | N
     # run left an uncalibrated, unscored model there).
     with atomic_path(out_path) as path:
         save_model(path, net, meta, json_sidecar=False, half=half)
-        if data and Path(data).exists():
+        votes = (meta.training.get("labels") or {}).get("source")
+        if data and Path(data).exists() and votes and Path(votes).exists():
+            meta = _score_on_votes(path, net, meta, data, votes, split, say, half)
+        elif data and Path(data).exists():
             z, y, _ = model_logits(str(path), data=data, split=split)
             cal = calibrate(z, y, split=split)
             meta = dataclasses.replace(meta, temperature=cal["temperature"],
@@ -571,6 +575,32 @@ def _write_scored(out: str, net: torch.nn.Module, meta: ModelMeta, data: str | N
                 "accuracy_tta_flip": flip["accuracy"], "n": m["n"], "calibration": cal})
             save_model(path, net, meta, json_sidecar=False, half=half)
     return {"path": str(out_path), "arch": meta.arch, "metrics": meta.metrics}
+
+
+def _score_on_votes(path: Path, net: torch.nn.Module, meta: ModelMeta, data: str, votes: str, split: str,
+                    say: Callable[[str], None], half: bool) -> ModelMeta:
+    """``_write_scored`` for a model trained on crowd votes: calibrated against the FER+ majority label and scored
+    against people (``metrics["accuracy"]``), with the folder-label accuracy beside it. Returns the metadata
+    written."""
+    from ferkit.data.labels import majority_labels
+    from ferkit.evaluate import evaluate_models, vote_logits
+    from ferkit.modelfile import save_model
+    from ferkit.train.calibrate import calibrate
+
+    z, v, _, _ = vote_logits(str(path), data=data, labels=votes, split=split)
+    y = majority_labels(v, list(meta.classes))
+    cal = calibrate(z[y >= 0], y[y >= 0], split=f"{split} (FER+ majority)")
+    meta = dataclasses.replace(meta, temperature=cal["temperature"], temperature_poly=tuple(cal["temperature_poly"]))
+    save_model(path, net, meta, json_sidecar=False, half=half)
+    m = evaluate_models([str(path)], data=data, split=split, say=say, labels=votes)
+    flip = evaluate_models([str(path)], data=data, split=split, tta="flip", labels=votes)
+    fp = m["ferplus"]
+    meta = dataclasses.replace(meta, metrics={
+        "val_split": m["split"], "labels": "ferplus-majority", "accuracy": fp["accuracy"], "n": fp["n"],
+        "accuracy_tta_flip": flip["ferplus"]["accuracy"], "accuracy_folder": m["accuracy"], "n_folder": m["n"],
+        "macro_f1": m.get("macro_f1"), "ferplus": fp, "calibration": cal})
+    save_model(path, net, meta, json_sidecar=False, half=half)
+    return meta
 
 
 def restrict_classes(spec: str, classes: list[str], out: str, *, data: str | None = None, split: str = "validation",

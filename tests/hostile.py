@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -43,38 +42,45 @@ class Run:
         return [ln for ln in self.err.splitlines() if ln.strip()]
 
 
+#: The launcher between pytest and ferkit. A child's peak memory (ru_maxrss) starts at its parent's resident size at
+#: fork (Linux keeps the old address space's high-water mark across exec), so a ferkit forked straight from a pytest
+#: process that has grown to 1.2 GB (models, Ray, earlier tests) would "peak" at 1.2 GB whatever it did. A fresh small
+#: interpreter starts ferkit instead and reports the peak wait4 gives for it: ferkit's own.
+_LAUNCHER = """
+import os, resource, subprocess, sys
+report, fsize, *cmd = sys.argv[1:]
+if fsize != "-":
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(fsize), int(fsize)))
+p = subprocess.Popen(cmd)
+pid, status, usage = os.wait4(p.pid, 0)
+with open(report, "w") as f:
+    f.write(f"{os.waitstatus_to_exitcode(status)} {usage.ru_maxrss}")
+"""
+
+
 def run_cli(args: Sequence[str | os.PathLike | bytes], *, cwd: Path, timeout: float = 90, stdin: bytes | None = None,
             env: dict[str, str] | None = None, fsize: int | None = None) -> Run:
     """``python -m ferkit ARGS`` in ``cwd``; killed (and the test failed) after ``timeout`` seconds. ``fsize``: the
     child's file-size limit in bytes (RLIMIT_FSIZE: a write beyond it fails as on a full disk)."""
-    def limits() -> None:
-        if fsize is not None:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        p = subprocess.Popen([sys.executable, "-m", "ferkit", *[os.fsencode(a) if isinstance(a, bytes) else str(a)
-                                                               for a in args]],
-                             cwd=cwd, stdout=out, stderr=err, env={**os.environ, **(env or {})},
-                             stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL, preexec_fn=limits)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report"
+        cmd = [sys.executable, "-c", _LAUNCHER, str(report), "-" if fsize is None else str(fsize),
+               sys.executable, "-m", "ferkit", *[os.fsencode(a) if isinstance(a, bytes) else str(a) for a in args]]
+        p = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=err, env={**os.environ, **(env or {})},
+                             stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL, start_new_session=True)
         if stdin is not None:
             p.stdin.write(stdin)
             p.stdin.close()
-        deadline = time.monotonic() + timeout
-        while True:
-            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                p.kill()
-                os.wait4(p.pid, 0)
-                p.returncode = -9
-                pytest.fail(f"ferkit {' '.join(map(str, args))}: still running after {timeout:.0f} s (hung)")
-            time.sleep(0.02)
-        p.returncode = os.waitstatus_to_exitcode(status)
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, 9)  # the launcher and ferkit: one session
+            p.wait()
+            pytest.fail(f"ferkit {' '.join(map(str, args))}: still running after {timeout:.0f} s (hung)")
+        rc, maxrss = (int(v) for v in report.read_text().split())
         out.seek(0)
         err.seek(0)
-        return Run(p.returncode, out.read().decode("utf-8", "replace"), err.read().decode("utf-8", "replace"),
-                   usage.ru_maxrss / 1024)
+        return Run(rc, out.read().decode("utf-8", "replace"), err.read().decode("utf-8", "replace"), maxrss / 1024)
 
 
 def no_nan(text: str) -> None:

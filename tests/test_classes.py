@@ -33,7 +33,9 @@ def test_fer2013_order_matches_the_csv_emotion_column() -> None:
         ("disgusted", "disgust"),
         ("Fearful", "fear"),
         ("surprised", "surprise"),
-        ("contempt", None),
+        ("contempt", "contempt"),  # FER+ has it (the 8-class fer8)
+        ("Contemptuous", "contempt"),
+        ("pride", None),
         ("", None),
     ],
 )

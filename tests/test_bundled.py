@@ -16,7 +16,7 @@ from shared_data import FER_DIR, VALIDATION, WILD, needs_fer
 
 def test_bundled_models_present_small_and_described() -> None:
     models = bundled_models()
-    assert {"fer3", "fer7", "fer3-large", "fer7-large"} <= set(models)
+    assert {"fer3", "fer7", "fer8", "fer3-large", "fer7-large"} <= set(models)
     for name, path in models.items():
         assert path.stat().st_size <= 20 * 1024 * 1024
         meta = read_meta(path)
@@ -26,14 +26,15 @@ def test_bundled_models_present_small_and_described() -> None:
         assert card.count("validation") >= 1
         # the card is generated from the metadata (scripts/bundle_model.py): calibration, min_score, terms
         cal = meta.metrics["calibration"]
-        assert meta.temperature == cal["temperature"] and cal["fit_split"] == "validation"
+        assert meta.temperature == cal["temperature"] and cal["fit_split"].startswith("validation")
         assert f"ECE **{cal['after_cross_fit']['ece']:.4f}**" in card and "commercial" in card
         assert f"suggested `min_score` | **{meta.metrics['suggested_min_score']:g}**" in card
     for name in ("fer3", "fer3-large"):
         assert read_meta(models[name]).classes == ("happy", "sad", "neutral")
     for name in ("fer7", "fer7-large"):
         assert len(read_meta(models[name]).classes) == 7
-    for name in ("fer3", "fer7", "fer3-large", "fer7-large"):  # ferkit models shows the tier and faces/s
+    assert read_meta(models["fer8"]).classes[-1] == "contempt" and len(read_meta(models["fer8"]).classes) == 8
+    for name in ("fer3", "fer7", "fer8", "fer3-large", "fer7-large"):  # ferkit models shows the tier and faces/s
         m = read_meta(models[name]).metrics
         assert m["tier"] == ("large" if name.endswith("-large") else "fast") and m["faces_per_second"] > 0
 
@@ -53,26 +54,34 @@ def test_models_command_json(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @needs_fer
-# Floors of what ships (issue 9's goals: fer3 83% / fer3-large 85% are not reached yet, fer7 69% and fer7-large 72%
-# are: benchmarks/README.md has every run); the large models carry their TTA views, so classify applies them.
-@pytest.mark.parametrize("name,floor", [("fer3", 0.81), ("fer7", 0.69), ("fer3-large", 0.82), ("fer7-large", 0.72)])
+# Floors of what ships, against people: the FER+ majority label of each validation face (issue 24's goals: fer7 84%,
+# fer8 86% and fer7-large 87% are reached; fer3 92% and fer3-large 94% are not: benchmarks/README.md has every run).
+# The large models carry their TTA views, so classify applies them.
+@pytest.mark.parametrize("name,floor", [("fer3", 0.89), ("fer7", 0.865), ("fer8", 0.86), ("fer3-large", 0.895),
+                                        ("fer7-large", 0.87)])
 def test_bundled_accuracy_on_validation(name: str, floor: float) -> None:
-    """Accuracy floors on the whole validation split, through the product path (Recognizer.classify)."""
+    """FER+ majority accuracy on the whole validation split through the product path (Recognizer.classify), and the
+    folder-label accuracy beside it: both as the model's card and metadata state them."""
     from ferkit.classes import match_folder
+    from ferkit.data.labels import majority_labels, read_votes
     from ferkit.images import load_image
 
     rec = Recognizer(model=name)
-    folders = {match_folder(d.name, rec.classes): d for d in VALIDATION.iterdir() if d.is_dir()}
-    crops, truth = [], []
-    for i, c in enumerate(rec.classes):
-        files = sorted(folders[c].glob("*.jpg"))
-        crops += [load_image(f) for f in files]  # FER2013 files are 48×48 grayscale
-        truth += [i] * len(files)
-    pred = rec.classify(np.stack(crops)).argmax(1)
-    acc = float((pred == np.array(truth)).mean())
-    assert acc >= floor, f"{name}: {acc:.4f} on validation (n={len(truth)}), floor {floor}"
+    table = read_votes(FER_DIR / "ferplus" / "validation.csv")
+    files = sorted(VALIDATION.glob("*/*.jpg"))
+    votes = np.stack([table.by_path.get(f"validation/{f.parent.name}/{f.name}", np.full(10, np.nan)) for f in files])
+    pred = rec.classify(np.stack([load_image(f) for f in files])).argmax(1)  # FER2013 files are 48×48 grayscale
+    truth = majority_labels(votes, list(rec.classes))
+    kept = truth >= 0
+    acc = float((pred[kept] == truth[kept]).mean())
+    assert acc >= floor, f"{name}: {acc:.4f} against the FER+ majority (n={kept.sum()}), floor {floor}"
     stored = read_meta(bundled_models()[name]).metrics
-    assert stored["n"] == len(truth) and abs(acc - stored["accuracy"]) < 2e-3, (acc, stored)  # its card is true
+    assert stored["labels"] == "ferplus-majority" and stored["n"] == kept.sum()
+    assert abs(acc - stored["accuracy"]) < 2e-3, (acc, stored["accuracy"])  # its card is true
+    folder = np.array([rec.classes.index(c) if (c := match_folder(f.parent.name, rec.classes)) else -1 for f in files])
+    acc_folder = float((pred[folder >= 0] == folder[folder >= 0]).mean())
+    assert stored["n_folder"] == (folder >= 0).sum() and abs(acc_folder - stored["accuracy_folder"]) < 2e-3
+    assert acc_folder < acc  # the folder labels disagree with people: the expected drop, stated on every card
 
 
 @needs_fer

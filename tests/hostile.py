@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,8 +52,9 @@ if fsize != "-":
     resource.setrlimit(resource.RLIMIT_FSIZE, (int(fsize), int(fsize)))
 p = subprocess.Popen(cmd)
 pid, status, usage = os.wait4(p.pid, 0)
+p.returncode = os.waitstatus_to_exitcode(status)  # reaped here: else Popen warns "still running" at exit
 with open(report, "w") as f:
-    f.write(f"{os.waitstatus_to_exitcode(status)} {usage.ru_maxrss}")
+    f.write(f"{p.returncode} {usage.ru_maxrss}")
 """
 
 

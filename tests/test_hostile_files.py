@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from hostile import ASTRONAUT, assert_unchanged, check, face_rgb, no_nan, run_cli, snapshot, write_clip
 from PIL import Image
+from shared_data import FER_DIR, needs_fer
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -238,6 +239,7 @@ def test_export_refuses_to_write_over_its_input_model(tmp_path: Path) -> None:
     assert_unchanged(before, tmp_path)
 
 
+@needs_fer
 def test_an_interrupted_ferkit_export_leaves_nothing_at_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("torch")
     from ferkit import evaluate
@@ -246,10 +248,12 @@ def test_an_interrupted_ferkit_export_leaves_nothing_at_out(tmp_path: Path, monk
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(evaluate, "model_logits", interrupted)  # Ctrl-C while it calibrates
+    # Ctrl-C while it calibrates (fer3 learnt the FER+ votes: it is calibrated on the validation faces' votes)
+    monkeypatch.setattr(evaluate, "model_logits", interrupted)
+    monkeypatch.setattr(evaluate, "predict_logits", interrupted)
     out = tmp_path / "out" / "cut.safetensors"
     with pytest.raises(KeyboardInterrupt):
-        restrict_classes("fer3", ["happy", "sad"], str(out), data=str(tmp_path))
+        restrict_classes("fer3", ["happy", "sad"], str(out), data=str(FER_DIR))
     assert list(out.parent.iterdir()) == []  # was: an uncalibrated, unscored model at out
 
 

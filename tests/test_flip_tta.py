@@ -92,7 +92,7 @@ def test_views_of_an_ensemble_run_the_same_in_torch_and_onnx(faces: np.ndarray, 
     from ferkit.export import pack_ensemble
 
     packed = tmp_path / "ens.safetensors"
-    pack_ensemble(["fer3", "fer3"], str(packed))
+    pack_ensemble(["fer3", "fer3"], str(packed), score=False)
     out = tmp_path / "ens-views.safetensors"
     subprocess.run([sys.executable, str(REPO / "scripts" / "wrap_flip.py"), str(packed), str(out), "--views",
                     "orig,flip,zoom,zoom_flip"], check=True, capture_output=True)
@@ -137,7 +137,7 @@ def test_unpack_members_gives_back_each_network(faces: np.ndarray, tmp_path: Pat
             p.mul_(0.9)
     save_model(tmp_path / "other.safetensors", other, meta)
     packed, wrapped = tmp_path / "ens.safetensors", tmp_path / "ens-views.safetensors"
-    pack_ensemble(["fer3", str(tmp_path / "other.safetensors")], str(packed))
+    pack_ensemble(["fer3", str(tmp_path / "other.safetensors")], str(packed), score=False)
     subprocess.run([sys.executable, str(REPO / "scripts" / "wrap_flip.py"), str(packed), str(wrapped), "--views",
                     "orig,zoom_flip"], check=True, capture_output=True)
     script = [sys.executable, str(REPO / "scripts" / "unpack_members.py")]

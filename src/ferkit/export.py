@@ -493,13 +493,15 @@ def _ort_version() -> str:
 
 
 def pack_ensemble(specs: list[str], out: str, *, data: str | None = None, split: str = "validation",
-                  say: Callable[[str], None] = lambda s: None, half: bool = False) -> dict[str, Any]:
+                  say: Callable[[str], None] = lambda s: None, half: bool = False, score: bool = True
+                  ) -> dict[str, Any]:
     """Write the ensemble of ``specs`` as one ferkit model file (see :mod:`ferkit.models.ensemble`).
 
     The members must agree on classes (same order), input size, channels and normalisation. The packed model is then
     scored on ``split`` of ``data`` (default: the first member's training data, when it is there) and the metrics
     are stored in its metadata, as a training run stores its own. ``half``: float16 weights (see
-    :func:`ferkit.modelfile.stored_state`), calibrated and scored as stored.
+    :func:`ferkit.modelfile.stored_state`), calibrated and scored as stored. ``score=False``: neither (an uncalibrated
+    file with no metrics, e.g. one that is wrapped or unpacked next).
 
     Raises:
         ModelFileError: fewer than two members, or members that disagree.
@@ -537,7 +539,7 @@ def pack_ensemble(specs: list[str], out: str, *, data: str | None = None, split:
         },
         metrics={},
     )
-    return _write_scored(out, ens, meta, data or first.training.get("data"), split, say, half=half)
+    return _write_scored(out, ens, meta, (data or first.training.get("data")) if score else None, split, say, half=half)
 
 
 def _write_scored(out: str, net: torch.nn.Module, meta: ModelMeta, data: str | None, split: str,

@@ -40,6 +40,7 @@ from torch import nn  # noqa: E402
 from ferkit.errors import DatasetError, ExportError, ModelFileError  # noqa: E402, F401  (ExportError: re-exported)
 from ferkit.fsutil import atomic_path  # noqa: E402
 from ferkit.modelfile import (  # noqa: E402
+    INT8_CHECK_KEY,
     META_KEY,
     ONNX_INPUT,
     ONNX_OUTPUT,
@@ -416,11 +417,25 @@ def export_int8(model: str, out: str, *, data: str | os.PathLike, opset: int = 1
     pre = Preprocess.of(meta)
     ds = find_dataset(data, list(meta.classes), require_all=False)
     train, val = ds.split("train"), ds.split("validation")
-    # labels index ds.classes (the classes present in the data); the model's columns follow meta.classes
-    to_model = np.array([list(meta.classes).index(c) for c in ds.classes])
     calib = _sample_split(train, calibration_images, meta.input_size)
-    loaded_val = load_split(val, meta.input_size)
-    x_val, y_val = pre.numpy(loaded_val.images), to_model[loaded_val.labels]
+    votes = (meta.training.get("labels") or {}).get("source")
+    if votes and Path(votes).exists():
+        # a model that learnt the crowd votes is checked against them: the faces with a FER+ majority label
+        from ferkit.data.labels import majority_labels
+        from ferkit.evaluate import split_with_votes
+
+        _, src, v, _ = split_with_votes(str(data), votes, "validation", list(meta.classes))
+        loaded_val = load_split(src, meta.input_size)
+        y_all = majority_labels(loaded_val.take(v), list(meta.classes))
+        keep = y_all >= 0
+        x_val, y_val = pre.numpy(loaded_val.images[keep]), y_all[keep]
+        truth = "FER+ majority"
+    else:
+        # labels index ds.classes (the classes present in the data); the model's columns follow meta.classes
+        to_model = np.array([list(meta.classes).index(c) for c in ds.classes])
+        loaded_val = load_split(val, meta.input_size)
+        x_val, y_val = pre.numpy(loaded_val.images), to_model[loaded_val.labels]
+        truth = "folder labels"
     x_cal = pre.numpy(calib.images)
 
     b = min(INT8_CALIBRATION_BATCH, len(x_cal))
@@ -465,6 +480,7 @@ def export_int8(model: str, out: str, *, data: str | os.PathLike, opset: int = 1
     loss = (acc_f - acc_q) * 100
     result: dict[str, Any] = {
         "path": str(out), "model": str(model), "classes": list(meta.classes), "n_validation": int(len(y_val)),
+        "labels": truth,
         "n_calibration": int(len(x_cal)), "float_accuracy": acc_f, "int8_accuracy": acc_q, "loss_points": loss,
         "max_loss_points": max_loss_points, "float_faces_per_s": _faces_per_s(rt_f, x_val),
         "int8_faces_per_s": _faces_per_s(rt_q, x_val), "float_bytes": len(float_bytes), "int8_bytes": len(int8_bytes),
@@ -475,6 +491,13 @@ def export_int8(model: str, out: str, *, data: str | os.PathLike, opset: int = 1
     result["max_abs_diff"] = float(np.abs(p_f - p_q).max())
     log.info("int8: validation %.2f%% (float %.2f%%), %.0f faces/s (float %.0f)", acc_q * 100, acc_f * 100,
              result["int8_faces_per_s"], result["float_faces_per_s"])
+    # the check travels with the file: the runtime picks an int8 sibling only when it lost at most
+    # INT8_AUTO_MAX_LOSS_POINTS here (see ferkit.infer.runtime)
+    entry = proto.metadata_props.add()
+    entry.key = INT8_CHECK_KEY
+    entry.value = json.dumps({"labels": truth, "n": int(len(y_val)), "float_accuracy": round(acc_f, 6),
+                              "int8_accuracy": round(acc_q, 6), "loss_points": round(loss, 4)})
+    int8_bytes = proto.SerializeToString()
     out_path = Path(out)
     if loss > max_loss_points:
         raise ExportError(f"{model}: int8 loses {loss:.2f} points of validation accuracy ({acc_f * 100:.2f}% → "

@@ -24,6 +24,9 @@ ONNX_OUTPUT_KIND = "probabilities"
 #: ONNX metadata key holding the SHA-256 of the model file the graph was exported from: an ONNX sibling whose
 #: digest differs from its ``.safetensors`` file is stale and never used.
 SOURCE_DIGEST_KEY = "source_sha256"
+#: ONNX metadata key of an int8 graph's accuracy check against its float graph (JSON: labels, n, float_accuracy,
+#: int8_accuracy, loss_points), written by :func:`ferkit.export.export_int8`.
+INT8_CHECK_KEY = "int8_check"
 
 
 @dataclass(frozen=True)
@@ -265,6 +268,14 @@ def onnx_sibling(path: str | os.PathLike) -> Path | None:
     """
     p = Path(path)
     sib = p.with_suffix(".onnx")
+    return sib if p.suffix.lower() == ".safetensors" and sib.is_file() else None
+
+
+def int8_sibling(path: str | os.PathLike) -> Path | None:
+    """The int8 ``.int8.onnx`` file beside a ``.safetensors`` model file (``weights/fer3.int8.onnx``), if there is one
+    (``ferkit export --int8``); :func:`ferkit.infer.runtime.make_runtime` decides whether to use it."""
+    p = Path(path)
+    sib = p.with_suffix(".int8.onnx")
     return sib if p.suffix.lower() == ".safetensors" and sib.is_file() else None
 
 

@@ -242,7 +242,8 @@ async def models(request: Request) -> dict[str, Any]:
     rec, s = state.recognizer, state.settings
     if rec is None:
         raise Rejected(503, "model not loaded", {"Retry-After": "2"}, reason="not_ready")
-    loaded = {"name": state.label, "backend": str(getattr(rec, "backend", s.backend)), "version": state.version,
+    loaded = {"name": state.label, "backend": str(getattr(rec, "backend", s.backend)),
+              "int8": bool(getattr(getattr(rec, "runtime", None), "int8", False)), "version": state.version,
               **meta_summary(rec.meta)}
     limits = {"max_upload_bytes": s.max_upload_bytes, "max_pixels": s.max_pixels, "max_concurrency": s.concurrency,
               "max_queue": s.queue, "rate_limit_per_s": s.rate_limit, "auth": state.api_keys is not None}

@@ -448,6 +448,50 @@ def speed_text(name: str, r: dict[str, Any], arch: str) -> str:
     return f"**{fps:,.0f} faces/s** (onnxruntime, batch 256, 2 cores, `benchmarks/infer_speed.py` on an idle machine); {here}"
 
 
+def write_int8(dst: Path, data: Path, cards: Path) -> dict[str, Any] | None:
+    """The model's int8 sibling (``NAME.int8.onnx``, :func:`ferkit.export.export_int8`), written only when it loses at
+    most ``INT8_AUTO_MAX_LOSS_POINTS`` against the float graph (else an old one is removed); its check and both
+    graphs' faces/s go into the card JSON and a line of the card. Write it after the ONNX sibling: it records the
+    model file's digest, so any later rewrite of the model file must write it again."""
+    from ferkit.errors import ExportError
+    from ferkit.export import export_int8
+    from ferkit.fsutil import atomic_write_text
+    from ferkit.infer.runtime import INT8_AUTO_MAX_LOSS_POINTS
+
+    out = dst.with_suffix(".int8.onnx")
+    card_json, card = cards / f"{dst.stem}.json", dst.with_suffix(".md")
+    try:
+        r = export_int8(str(dst), str(out), data=str(data), max_loss_points=INT8_AUTO_MAX_LOSS_POINTS)
+    except ExportError as e:
+        out.unlink(missing_ok=True)
+        print(f"  no int8 sibling: {e}")
+        r = None
+    info = None if r is None else {k: r[k] for k in ("labels", "n_validation", "float_accuracy", "int8_accuracy",
+                                                     "loss_points", "float_faces_per_s", "int8_faces_per_s",
+                                                     "int8_bytes", "threads")}
+    if card_json.is_file():
+        j = json.loads(card_json.read_text())
+        j["int8"] = info
+        atomic_write_text(card_json, json.dumps(j, indent=2) + "\n")
+    if card.is_file():
+        what = "none (it lost more than the limit)" if info is None else (
+            f"`{out.name}` ({info['int8_bytes'] / 1e6:.2f} MB): {pct(info['int8_accuracy'])} vs "
+            f"{pct(info['float_accuracy'])} float on the {info['labels']} (n={info['n_validation']:,}, "
+            f"{info['loss_points']:+.2f} points lost), {info['int8_faces_per_s']:,.0f} vs "
+            f"{info['float_faces_per_s']:,.0f} faces/s here (batch 256); backend auto runs it where it is faster")
+        row = f"| int8 sibling | {what} |"
+        text = card.read_text()
+        if re.search(r"^\| int8 sibling \|.*\|$", text, flags=re.M):
+            text = re.sub(r"^\| int8 sibling \|.*\|$", lambda _: row, text, count=1, flags=re.M)
+        else:
+            text = re.sub(r"^(\| speed \|.*\|)$", lambda m: m.group(1) + "\n" + row, text, count=1, flags=re.M)
+        atomic_write_text(card, text)
+    if info:
+        print(f"  and {out} (int8: {pct(info['int8_accuracy'])}, {info['loss_points']:+.2f} points; "
+              f"{info['int8_faces_per_s']:,.0f} vs {info['float_faces_per_s']:,.0f} faces/s)")
+    return info
+
+
 def refresh_speed(name: str, to: Path, cards: Path, data: Path) -> None:
     """Measure a bundled model's speed again (on an idle machine) and rewrite every place that states it: the model
     file's ``faces_per_second`` (weights copied bit for bit), its card JSON, its card's speed row (with
@@ -475,6 +519,8 @@ def refresh_speed(name: str, to: Path, cards: Path, data: Path) -> None:
     sib = write_sibling(dst)
     print(f"{dst}: {old:,.0f} -> {r['faces_per_second']:,.0f} faces/s (load average {r['load_average']:.1f}); "
           f"{card}: {row}; {sib['path']} rewritten")
+    if dst.with_suffix(".int8.onnx").is_file():  # it records the model file's digest, which just changed
+        write_int8(dst, data, cards)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -487,6 +533,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tier", default=None, choices=["fast", "large"],
                     help="fast (>= 3,000 faces/s) or large (the accurate tier); default: large for NAME-large")
     ap.add_argument("--no-onnx", action="store_true", help="do not write the ONNX sibling")
+    ap.add_argument("--int8", action="store_true",
+                    help="also write the int8 sibling NAME.int8.onnx (kept only if it loses <= 0.3 points; backend "
+                         "auto runs it where it is faster)")
     ap.add_argument("--half", action="store_true",
                     help="store the weights as float16 (half the file and its ONNX sibling; everything is measured "
                          "with the float16 file)")
@@ -615,6 +664,10 @@ def main(argv: list[str] | None = None) -> None:
 
         sib = write_sibling(dst)
         print(f"  and {sib['path']} (parity max |Δp| {sib['max_abs_diff']:.1e})")
+    if a.int8:
+        write_int8(dst, data, cards)
+    else:
+        dst.with_suffix(".int8.onnx").unlink(missing_ok=True)  # it was exported from the file just replaced
 
 
 if __name__ == "__main__":

@@ -59,18 +59,20 @@ def test_models_command_json(capsys: pytest.CaptureFixture[str]) -> None:
 # The large models carry their TTA views, so classify applies them.
 @pytest.mark.parametrize("name,floor", [("fer3", 0.89), ("fer7", 0.865), ("fer8", 0.86), ("fer3-large", 0.895),
                                         ("fer7-large", 0.87)])
-def test_bundled_accuracy_on_validation(name: str, floor: float) -> None:
+def test_bundled_accuracy_on_validation(name: str, floor: float, monkeypatch: pytest.MonkeyPatch) -> None:
     """FER+ majority accuracy on the whole validation split through the product path (Recognizer.classify), and the
-    folder-label accuracy beside it: both as the model's card and metadata state them."""
+    folder-label accuracy beside it: both as the model's card and metadata state them. A model with an int8 sibling
+    is held to the same floor through it, within 0.3 points of the float graph, as its card states."""
     from ferkit.classes import match_folder
     from ferkit.data.labels import majority_labels, read_votes
     from ferkit.images import load_image
 
-    rec = Recognizer(model=name)
+    rec = Recognizer(model=name, backend="onnx")  # the float graph: what the card's numbers are for
     table = read_votes(FER_DIR / "ferplus" / "validation.csv")
     files = sorted(VALIDATION.glob("*/*.jpg"))
     votes = np.stack([table.by_path.get(f"validation/{f.parent.name}/{f.name}", np.full(10, np.nan)) for f in files])
-    pred = rec.classify(np.stack([load_image(f) for f in files])).argmax(1)  # FER2013 files are 48×48 grayscale
+    faces = np.stack([load_image(f) for f in files])  # FER2013 files are 48×48 grayscale
+    pred = rec.classify(faces).argmax(1)
     truth = majority_labels(votes, list(rec.classes))
     kept = truth >= 0
     acc = float((pred[kept] == truth[kept]).mean())
@@ -78,6 +80,15 @@ def test_bundled_accuracy_on_validation(name: str, floor: float) -> None:
     stored = read_meta(bundled_models()[name]).metrics
     assert stored["labels"] == "ferplus-majority" and stored["n"] == kept.sum()
     assert abs(acc - stored["accuracy"]) < 2e-3, (acc, stored["accuracy"])  # its card is true
+    int8 = json.loads((REPO / "benchmarks" / "cards" / f"{name}.json").read_text()).get("int8")
+    assert bool(int8) == (bundled_models()[name].with_suffix(".int8.onnx").is_file())
+    if int8:
+        monkeypatch.setenv("FERKIT_INT8", "1")
+        q = Recognizer(model=name)
+        assert q.runtime.int8
+        acc_q = float((q.classify(faces).argmax(1)[kept] == truth[kept]).mean())
+        assert acc_q >= floor and acc - acc_q <= 0.003 + 1e-9
+        assert abs(acc_q - int8["int8_accuracy"]) < 2e-3 and int8["labels"] == "FER+ majority"
     folder = np.array([rec.classes.index(c) if (c := match_folder(f.parent.name, rec.classes)) else -1 for f in files])
     acc_folder = float((pred[folder >= 0] == folder[folder >= 0]).mean())
     assert stored["n_folder"] == (folder >= 0).sum() and abs(acc_folder - stored["accuracy_folder"]) < 2e-3

@@ -51,6 +51,9 @@ def test_models_command_json(capsys: pytest.CaptureFixture[str]) -> None:
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["fer3"]["classes"] == ["happy", "sad", "neutral"] and rows["fer3"]["input_size"] == 48
     assert rows["fer7"]["validation_accuracy"] > 0.5
+    assert {r["validation_labels"] for r in rows.values()} == {"ferplus-majority"}  # every bundled one: people
+    assert {n for n, r in rows.items() if r["int8_sibling"]} == {
+        n for n, p in bundled_models().items() if p.with_suffix(".int8.onnx").is_file()} >= {"fer3"}
 
 
 @needs_fer

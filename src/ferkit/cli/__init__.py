@@ -476,6 +476,9 @@ def cmd_models(a: argparse.Namespace) -> int:
                 "classes": list(meta.classes),
                 "input_size": meta.input_size,
                 "validation_accuracy": m.get("accuracy"),
+                # which truth: "ferplus-majority" (trained and scored on the FER+ votes) or "folder"
+                "validation_labels": m.get("labels", "folder"),
+                "int8_sibling": path.with_suffix(".int8.onnx").is_file(),
                 "validation_accuracy_tta": {k: m[f"accuracy_tta_{k}"] for k in ("flip", "tencrop")
                                             if m.get(f"accuracy_tta_{k}") is not None},
                 "faces_per_second": m.get("faces_per_second"),
@@ -494,19 +497,21 @@ def cmd_models(a: argparse.Namespace) -> int:
 
     rows.sort(key=lambda r: (r["tier"] != "fast", r["name"]))
     aw = max([len(r["arch"]) for r in rows] + [4]) + 2
-    print(f"{'name':<12}{'tier':<7}{'arch':<{aw}}{'input':<7}{'val acc':<9}{'flip':<9}{'10-crop':<9}{'faces/s':<9}"
-          f"{'size':<9}classes")
+    print(f"{'name':<12}{'tier':<7}{'arch':<{aw}}{'input':<7}{'truth':<7}{'val acc':<9}{'flip':<9}{'10-crop':<9}"
+          f"{'faces/s':<9}{'size':<9}{'int8':<6}classes")
     for r in rows:
         tta, fps = r["validation_accuracy_tta"], r["faces_per_second"]
         flip = "in model" if tta_wrapped(r["arch"]) else pct(tta.get("flip"))
+        truth = "FER+" if r["validation_labels"] == "ferplus-majority" else "folder"
         print(
-            f"{r['name']:<12}{r['tier']:<7}{r['arch']:<{aw}}{r['input_size']:<7}{pct(r['validation_accuracy']):<9}"
-            f"{flip:<9}{pct(tta.get('tencrop')):<9}{(f'{fps:,}' if fps else '-'):<9}"
-            f"{r['size_mb']:<6.2f}MB {','.join(r['classes'])}"
+            f"{r['name']:<12}{r['tier']:<7}{r['arch']:<{aw}}{r['input_size']:<7}{truth:<7}"
+            f"{pct(r['validation_accuracy']):<9}{flip:<9}{pct(tta.get('tencrop')):<9}{(f'{fps:,}' if fps else '-'):<9}"
+            f"{r['size_mb']:<6.2f}MB {('yes' if r['int8_sibling'] else '-'):<6}{','.join(r['classes'])}"
         )
     print("val acc: FER2013 validation (PublicTest), as the model runs (a flip(...) or views[...] model's TTA is in "
-          "the model); "
-          "flip / 10-crop: with `evaluate --tta`; faces/s: onnxruntime, batch 256, measured when bundled "
+          "the model), against the truth named: FER+ = the majority of ten annotators' votes (faces with one), "
+          "folder = FER2013's own labels; flip / 10-crop: with `evaluate --tta`; faces/s: onnxruntime float graph, "
+          "batch 256, measured when bundled; int8: an int8 sibling that backend auto runs where it is faster "
           "(`ferkit models --card NAME` for more)")
     return 0
 

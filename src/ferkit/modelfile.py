@@ -129,7 +129,7 @@ def _check_arch(arch: Any) -> str:
         raise ValueError(f"arch is {len(arch):,} characters long (at most {MAX_ARCH_LENGTH:,})")
     bad = sorted(set(arch) - _ARCH_CHARS)
     if bad:
-        raise ValueError(f"arch '{arch[:40]}' holds characters an architecture name has not ({ascii(bad[0])})")
+        raise ValueError(f"arch {ascii(arch[:40])} holds characters an architecture name has not ({ascii(bad[0])})")
     depth = deepest = 0
     for ch in arch:
         depth += (ch in "([") - (ch in ")]")
@@ -149,7 +149,7 @@ def _check_classes(classes: Any) -> tuple[str, ...]:
     if not 2 <= len(classes) <= MAX_CLASSES:
         raise ValueError(f"classes: {len(classes)} names; a model has 2..{MAX_CLASSES}")
     if len(set(classes)) != len(classes):
-        raise ValueError(f"classes: a name appears twice ({', '.join(classes)[:80]})")
+        raise ValueError(f"classes: a name appears twice ({ascii(', '.join(classes))[:80]})")
     return tuple(classes)
 
 

@@ -300,6 +300,7 @@ def test_missing_ray_names_the_pip_install(tmp_path: Path) -> None:
     assert r.returncode == 1
     assert r.stderr.strip() == r.stderr.strip().splitlines()[0]
     assert "pip install 'ferkit[ray]'" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()  # said before the output folder was made
 
 
 def test_recognise_in_a_users_own_map_batches(tmp_path: Path) -> None:

@@ -77,11 +77,17 @@ def _check(every: int, batch_size: int, workers: int | None, part_rows: int) -> 
         raise ConfigError(f"--part-rows must be at least 1, got {part_rows}")
 
 
-def _start_ray(address: str | None) -> Any:
+def _import_ray() -> Any:
+    """Ray and Ray Data, or ImportError naming ``pip install 'ferkit[ray]'``."""
     from ferkit._extras import require
 
     ray = require("ray", "ray", what="ferkit batch")
     require("ray.data", "ray", what="ferkit batch")
+    return ray
+
+
+def _start_ray(address: str | None) -> Any:
+    ray = _import_ray()
     import logging as _logging
 
     import warnings
@@ -141,6 +147,7 @@ def run_batch(inputs: list[str], out: str | os.PathLike, *, model: str = "fer3",
 
     err = err if err is not None else sys.stderr
     _check(every, batch_size, workers, part_rows)
+    _import_ray()  # without Ray, say so before anything is loaded or the output folder is made
     t0 = time.monotonic()
     # The same checks and messages as predict (model, detector, scores, sizes), before Ray or the output folder.
     rec_kw = dict(detector="whole" if no_detect else detector, min_det_score=min_det_score, min_score=min_score,

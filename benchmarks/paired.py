@@ -11,7 +11,8 @@ faces, so a paired difference is measured about twice as precisely.
 
 With ``--labels`` (crowd votes, e.g. FER+) the truth is each face's FER+ majority label
 (``data.labels.majority_labels``: single votes dropped, top label above half of the rest and one of the models'
-classes) instead of its folder, on every face of the split's expression folders that has one; the folder-label comparison is printed beside it.
+classes) instead of its folder, on every face of the split's expression folders that has one; the folder-label
+comparison is printed beside it.
 """
 
 from __future__ import annotations

@@ -498,6 +498,7 @@ def export_int8(model: str, out: str, *, data: str | os.PathLike, opset: int = 1
     entry.value = json.dumps({"labels": truth, "n": int(len(y_val)), "float_accuracy": round(acc_f, 6),
                               "int8_accuracy": round(acc_q, 6), "loss_points": round(loss, 4)})
     int8_bytes = proto.SerializeToString()
+    result["int8_bytes"] = len(int8_bytes)  # what is written, its check included
     out_path = Path(out)
     if loss > max_loss_points:
         raise ExportError(f"{model}: int8 loses {loss:.2f} points of validation accuracy ({acc_f * 100:.2f}% → "
